@@ -1,0 +1,1 @@
+"""Compression and export: quantization, pruning, ONNX and GGUF."""

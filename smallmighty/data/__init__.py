@@ -1,0 +1,1 @@
+"""Loading task data: labelled text for classification, text corpora for language modelling."""

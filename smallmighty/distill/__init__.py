@@ -1,0 +1,1 @@
+"""Knowledge distillation: losses, layer maps, cached teacher outputs and the distillation recipes."""

@@ -1,0 +1,1 @@
+"""Serving: the CPU inference engine, terminal chat and the HTTP API."""

@@ -78,8 +78,9 @@ def soft_logit_kd_topk(student_logits: Tensor, topk_values: Tensor, topk_indices
                        f"{tuple(topk_indices.shape)} [batch, k] with the same batch size")
     num_classes = student_logits.shape[1]
     if topk_indices.numel() and (topk_indices.min() < 0 or topk_indices.max() >= num_classes):
+        low, high = topk_indices.min().item(), topk_indices.max().item()
         raise SlmError(f"teacher top-k indices must lie in 0..{num_classes - 1} "
-                       f"(the student's classes), got {topk_indices.min().item()}..{topk_indices.max().item()}")
+                       f"(the student's classes), got {low}..{high}")
     if (topk_indices.sort(dim=-1).values.diff(dim=-1) == 0).any():
         raise SlmError("teacher top-k indices repeat a class within a row; each class may be kept once")
     teacher_probs = F.softmax(_at_least_fp32(topk_values) / temperature, dim=-1)

@@ -69,7 +69,7 @@ class _Rows:
 
     def add(self, text: Any, label: Any, line: int | None, text_field: str | None,
             available: str = "") -> None:
-        """Check one example and keep it; `_MISSING` marks an absent field, `available` lists the present ones."""
+        """Check one example and keep it; `_MISSING` marks an absent field, `available` lists present ones."""
         if text is _MISSING:
             raise DataError(f"missing text field{available}", file=self.file, line=line, field=text_field)
         if label is _MISSING:
@@ -302,8 +302,8 @@ def _read_delimited(content: str, file: str, delimiter: str, text_field: str, la
                                 "delimiter inside the text?)", file=file, line=number)
             rows.add(record[text_at], record[label_at], number, text_field)
     except csv.Error as error:
-        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {error}", file=file,
-                        line=reader.line_num) from None
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise DataError(f"malformed {kind}: {error}", file=file, line=reader.line_num) from None
     return rows
 
 

@@ -105,6 +105,8 @@ def test_subsample_keeps_label_coverage_and_proportion(shared_datasets: Path) ->
 
     few, _ = load_labelled_splits(shared_datasets / "banking77", max_train=50)
     assert len(set(few.labels)) == 50
+    pair, _ = load_labelled_splits(shared_datasets / "sms_spam", max_train=2)
+    assert sorted(named(pair)) == ["ham", "spam"], "coverage before proportion, even at 598 spam to 3862 ham"
 
     spam, _ = load_labelled_splits(shared_datasets / "sms_spam", max_train=1000)
     assert abs(Counter(named(spam))["spam"] - 1000 * 598 / 4460) <= 1
@@ -123,7 +125,7 @@ def test_subsample_keeps_label_coverage_and_proportion(shared_datasets: Path) ->
 def test_single_csv_with_custom_fields_and_multiline_text(tmp_path: Path) -> None:
     path = tmp_path / "reviews.csv"
     body = "".join(f'{i},"review {i}, with a comma",{"good" if i % 3 else "bad"}\n' for i in range(30))
-    path.write_text('id,body,verdict\n99,"spans\ntwo lines",bad\n' + body, encoding="utf-8")
+    path.write_text('id,body,verdict\n99,"spans\ntwo lines",bad\n\n' + body, encoding="utf-8")
     train, test = load_labelled_splits(path, text_field="body", label_field="verdict", test_fraction=0.3)
     assert train.label_names == ["bad", "good"]
     assert len(train) + len(test) == 31
@@ -201,7 +203,8 @@ def test_hub_name_offline_gives_clear_error() -> None:
             "try:\n    load_labelled_splits('someone/no-such-dataset')\n"
             "except SlmError as error:\n    print('SlmError:', error)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("SlmError: 'someone/no-such-dataset' is not a local file or folder")
     assert "could not be downloaded" in result.stdout and "Pass a local path" in result.stdout
@@ -226,7 +229,8 @@ def test_missing_local_path_is_named(source: str, tmp_path: Path, monkeypatch: p
 
 
 def test_unknown_and_ambiguous_split_names(shared_datasets: Path) -> None:
-    with pytest.raises(SlmError, match="sst2: no split 'dev'; available splits: test_sst_binary_labeled, train, validation") as error:
+    available = "test_sst_binary_labeled, train, validation"
+    with pytest.raises(SlmError, match=f"sst2: no split 'dev'; available splits: {available}") as error:
         load_labelled_splits(shared_datasets / "sst2", test_split="dev")
     assert not isinstance(error.value, DataError)
     with pytest.raises(SlmError, match=r"split 't' is ambiguous \(test, train\)"):
@@ -249,6 +253,11 @@ def test_two_files_for_one_split(tmp_path: Path) -> None:
 def test_bad_options(options: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(SlmError, match=message):
         load_labelled_splits(write_jsonl(tmp_path / "d.jsonl", rows("aabb")), **options)
+
+
+def test_every_label_keeps_a_training_example(tmp_path: Path) -> None:
+    train, test = load_labelled_splits(write_jsonl(tmp_path / "d.jsonl", rows("aaaaab")), test_fraction=0.6)
+    assert named(train).count("b") == 1 and Counter(named(test)) == {"a": 3}
 
 
 def test_too_few_examples_to_split_and_unknown_file_type(tmp_path: Path) -> None:
@@ -283,7 +292,8 @@ GOOD = '{"text": "fine", "label": "a"}\n'
     ("null label", GOOD + GOOD + GOOD + '{"text": "x", "label": null}\n', 4, "label", "label is null"),
     ("float label", GOOD + '{"text": "x", "label": 1.5}\n', 2, "label",
      "label must be a string or an integer, got 1.5"),
-    ("bool label", GOOD + '{"text": "x", "label": true}\n', 2, "label", "label must be a string or an integer"),
+    ("bool label", GOOD + '{"text": "x", "label": true}\n', 2, "label",
+     "label must be a string or an integer"),
     ("empty label", GOOD + '{"text": "x", "label": " "}\n', 2, "label", "empty label"),
 ])
 def test_jsonl_errors(name: str, content: str, line: int, field: str | None, message: str,
@@ -324,9 +334,9 @@ def test_non_utf8_bytes_name_the_line(tmp_path: Path) -> None:
 def test_csv_errors_are_located(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("text,category\nx,a\n")
-    with pytest.raises(DataError, match="line 1, field 'label': no such column; the header has text, category"):
+    with pytest.raises(DataError, match="line 1, field 'label': no such column; the header has text, cat"):
         load_labelled_splits(path)
-    path.write_text('text,label\n"two\nlines",a\nthree,fields,here\n')
+    path.write_text('text,label\n"two\nlines",a\n"four\nlines",too,many\n')
     with pytest.raises(DataError, match="line 4: 3 fields, but the header has 2"):
         load_labelled_splits(path)
     path.write_text('text,label\n"ok",a\n"unterminated,a\n')
@@ -345,7 +355,8 @@ def test_test_label_never_seen_in_training(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "test.jsonl", rows("abac"))
     with pytest.raises(DataError) as error:
         load_labelled_splits(tmp_path)
-    assert (error.value.file, error.value.line, error.value.field) == (str(tmp_path / "test.jsonl"), 4, "label")
+    located = (error.value.file, error.value.line, error.value.field)
+    assert located == (str(tmp_path / "test.jsonl"), 4, "label")
     assert "label 'c' in the test split never appears in training (training labels: a, b)" in str(error.value)
 
 
@@ -372,7 +383,8 @@ def test_label_not_in_labels_json(tmp_path: Path) -> None:
     (tmp_path / "labels.json").write_text('["a", "b"]')
     with pytest.raises(DataError) as error:
         load_labelled_splits(tmp_path)
-    assert (error.value.file, error.value.line, error.value.field) == (str(tmp_path / "test.jsonl"), 2, "label")
+    located = (error.value.file, error.value.line, error.value.field)
+    assert located == (str(tmp_path / "test.jsonl"), 2, "label")
     assert f"label 'z' is not in {tmp_path / 'labels.json'}" in str(error.value)
 
 

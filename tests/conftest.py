@@ -17,3 +17,58 @@ def shared_datasets() -> Path:
     if not path.is_dir():
         pytest.skip(f"real datasets not found at {path}")
     return path
+
+
+TOPICS = {
+    "weather": ["rain", "sunny", "cloudy", "storm", "snow", "windy", "forecast", "cold"],
+    "food": ["pizza", "pasta", "salad", "bread", "cheese", "soup", "dinner", "lunch"],
+    "sport": ["football", "tennis", "match", "goal", "team", "race", "coach", "score"],
+}
+
+
+def synthetic_topic_rows(n_per_label: int, seed: int) -> list[dict]:
+    """An easy, learnable 3-topic task: each text mixes filler words with words of its topic."""
+    import random
+
+    rng = random.Random(seed)
+    filler = ["the", "a", "today", "we", "really", "think", "about", "this", "very", "and", "my", "friend"]
+    rows = []
+    for label, words in TOPICS.items():
+        for _ in range(n_per_label):
+            text = rng.sample(filler, 3) + rng.sample(words, 2) + rng.sample(filler, 2)
+            rng.shuffle(text)
+            rows.append({"text": " ".join(text), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def topic_data_dir(tmp_path_factory) -> Path:
+    """A folder with train.jsonl / test.jsonl of the synthetic topic task."""
+    import json
+
+    root = tmp_path_factory.mktemp("topics")
+    for split, n, seed in (("train", 80, 0), ("test", 20, 1)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for row in synthetic_topic_rows(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A small random BERT encoder (2 layers, width 64) with the MiniLM tokenizer: a fast stand-in
+    for a pretrained teacher that tests can fine-tune and distil in seconds."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from smallmighty.defaults import default_teacher_encoder
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(default_teacher_encoder())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root

@@ -1,0 +1,137 @@
+"""Teacher outputs computed once and kept on disk, so the teacher need not sit in memory (or run
+again every epoch) while the student trains.
+
+One safetensors file holds, for every training example: the teacher's top-k logits (values and
+label ids), and, where the recipe uses them, the hidden states and attention maps of the mapped
+teacher layers, all tokens of all examples packed end to end (fp16) with offsets. A fingerprint
+of the teacher, the token ids and the settings sits in the file's metadata; a cache whose
+fingerprint differs is rebuilt instead of silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from smallmighty.io import atomic_path
+
+
+@dataclass
+class CacheSpec:
+    """What to keep of the teacher: top-k logits always; hidden states of `hidden_layers`
+    (0 = embeddings, j = output of block j); attention maps of `attention_layers` (block j, 1-based)."""
+
+    top_k: int
+    hidden_layers: list[int] = field(default_factory=list)
+    attention_layers: list[int] = field(default_factory=list)
+
+
+def fingerprint(teacher_id: str, token_ids: list[list[int]], spec: CacheSpec) -> str:
+    digest = hashlib.sha256(json.dumps([teacher_id, asdict(spec)]).encode())
+    for ids in token_ids:
+        digest.update(json.dumps(ids).encode())
+    return digest.hexdigest()[:32]
+
+
+class TeacherCache:
+    """Read side: gathers a batch of cached teacher outputs, padded to the batch's width."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self.meta = json.loads(f.metadata()["spec"])
+            self.fingerprint = f.metadata()["fingerprint"]
+            self.tensors = {name: f.get_tensor(name) for name in f.keys()}
+        self.lengths = self.tensors["lengths"]
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.lengths.cumsum(0)])
+        self.att_offsets = torch.cat([torch.zeros(1, dtype=torch.long), (self.lengths ** 2).cumsum(0)])
+        self.hidden_layers: list[int] = self.meta["hidden_layers"]
+        self.attention_layers: list[int] = self.meta["attention_layers"]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, index: torch.Tensor, width: int) -> dict:
+        """Top-k logits for `index`, plus hidden states [B, width, d] and attention maps
+        [B, heads, width, width] of the cached layers, zero-padded past each example's length."""
+        out: dict = {
+            "topk_values": self.tensors["topk_values"][index].float(),
+            "topk_indices": self.tensors["topk_indices"][index].long(),
+            "hidden": {}, "attention": {},
+        }
+        for j in self.hidden_layers:
+            packed = self.tensors[f"hidden.{j}"]
+            h = torch.zeros(len(index), width, packed.shape[-1])
+            for row, i in enumerate(index.tolist()):
+                n = int(self.lengths[i])
+                h[row, :n] = packed[self.offsets[i]: self.offsets[i] + n].float()
+            out["hidden"][j] = h
+        for j in self.attention_layers:
+            packed = self.tensors[f"attention.{j}"]
+            heads = packed.shape[0]
+            a = torch.zeros(len(index), heads, width, width)
+            for row, i in enumerate(index.tolist()):
+                n = int(self.lengths[i])
+                a[row, :, :n, :n] = packed[:, self.att_offsets[i]: self.att_offsets[i] + n * n].view(heads, n, n).float()
+            out["attention"][j] = a
+        return out
+
+
+@torch.inference_mode()
+def build_teacher_cache(teacher: nn.Module, token_ids: list[list[int]], pad_token_id: int, spec: CacheSpec,
+                        path: Path, *, teacher_id: str, batch_size: int = 64) -> TeacherCache:
+    """Run the teacher over `token_ids` once and store what `spec` asks for at `path`.
+
+    Reuses an existing cache at `path` when its fingerprint matches.
+    """
+    fp = fingerprint(teacher_id, token_ids, spec)
+    if path.exists():
+        cache = TeacherCache(path)
+        if cache.fingerprint == fp:
+            return cache
+    teacher.eval()
+    lengths = torch.tensor([len(ids) for ids in token_ids])
+    num_labels = teacher.config.num_labels
+    k = min(spec.top_k, num_labels)
+    topk_values = torch.empty(len(token_ids), k)
+    topk_indices = torch.empty(len(token_ids), k, dtype=torch.int32)
+    # Sorting by length keeps padding (wasted teacher compute) small; results go back by index.
+    order = sorted(range(len(token_ids)), key=lambda i: lengths[i].item())
+    per_example_hidden: dict[int, dict[int, torch.Tensor]] = {j: {} for j in spec.hidden_layers}
+    per_example_attention: dict[int, dict[int, torch.Tensor]] = {j: {} for j in spec.attention_layers}
+    for start in tqdm(range(0, len(order), batch_size), desc="teacher outputs", unit="batch"):
+        rows = order[start:start + batch_size]
+        width = int(max(lengths[i] for i in rows))
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, : lengths[i]] = torch.tensor(token_ids[i])
+            mask[r, : lengths[i]] = 1
+        out = teacher(input_ids=input_ids, attention_mask=mask,
+                      output_hidden_states=bool(spec.hidden_layers),
+                      output_attentions=bool(spec.attention_layers))
+        values, indices = out.logits.float().topk(k, dim=-1)
+        topk_values[rows] = values
+        topk_indices[rows] = indices.to(torch.int32)
+        for r, i in enumerate(rows):
+            n = int(lengths[i])
+            for j in spec.hidden_layers:
+                per_example_hidden[j][i] = out.hidden_states[j][r, :n].half()
+            for j in spec.attention_layers:
+                per_example_attention[j][i] = out.attentions[j - 1][r, :, :n, :n].reshape(-1, n * n).half()
+    everyone = range(len(token_ids))
+    tensors = {"topk_values": topk_values, "topk_indices": topk_indices, "lengths": lengths}
+    tensors.update({f"hidden.{j}": torch.cat([v[i] for i in everyone]) for j, v in per_example_hidden.items()})
+    tensors.update({f"attention.{j}": torch.cat([v[i] for i in everyone], dim=1)
+                    for j, v in per_example_attention.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"spec": json.dumps(asdict(spec)), "fingerprint": fp})
+    return TeacherCache(path)

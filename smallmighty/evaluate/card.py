@@ -1,0 +1,85 @@
+"""Build the report card: each model's task quality, size and speed on this CPU, side by side.
+
+Quality comes from running the model over the test split in this process; latency, throughput
+and peak memory come from a fresh child process per model (`profile_classifier`), so one model's
+memory or warm caches never flatter another's.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smallmighty.data.classification import LabelledTexts
+from smallmighty.evaluate.baseline import TfidfBaseline
+from smallmighty.evaluate.metrics import classification_metrics
+from smallmighty.evaluate.speed import disk_size_mb, latency_ms, profile_classifier
+from smallmighty.models.encoder import read_meta
+
+#: Test texts timed one at a time for batch-1 latency (the quality metrics use the whole split).
+LATENCY_ITEMS = 300
+
+
+def _weights_file(model_dir: Path, runtime: str) -> Path:
+    onnx_name = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}.get(runtime)
+    return model_dir / onnx_name if onnx_name else model_dir / "model.safetensors"
+
+
+def evaluate_classifier(model_dir: str | Path, test: LabelledTexts, *, name: str, role: str,
+                        runtime: str = "onnx", batch_size: int = 32) -> dict:
+    """One model's row of the card: accuracy and macro-F1 on `test`, size, speed and memory."""
+    from smallmighty.serve.classifier import load_classifier
+
+    model_dir = Path(model_dir)
+    classifier = load_classifier(str(model_dir), runtime)
+    if classifier.label_names != test.label_names:
+        from smallmighty.errors import SlmError
+
+        raise SlmError(f"model '{model_dir}' predicts labels {classifier.label_names[:5]}... but the data has "
+                       f"{test.label_names[:5]}...; evaluate it on the task it was trained for")
+    predictions = np.concatenate([classifier.predict_logits(test.texts[i:i + batch_size]).argmax(-1)
+                                  for i in range(0, len(test), batch_size)])
+    quality = classification_metrics(test.labels, predictions.tolist(), test.label_names)
+    speed = profile_classifier(str(model_dir), runtime, test.texts[:LATENCY_ITEMS], batch_size=batch_size)
+    meta = read_meta(model_dir)
+    return {"name": name, "role": role, "runtime": runtime, "params": meta.get("params"),
+            "disk_mb": disk_size_mb(_weights_file(model_dir, runtime)),
+            "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"], **speed}
+
+
+def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: int = 32) -> dict:
+    """TF-IDF + logistic regression, trained here: the bar a neural student has to clear."""
+    start = time.perf_counter()
+    baseline = TfidfBaseline().fit(train.texts, train.labels)
+    fit_s = time.perf_counter() - start
+    quality = classification_metrics(test.labels, baseline.predict(test.texts).tolist(), test.label_names)
+    texts = test.texts[:LATENCY_ITEMS]
+    latency = latency_ms(lambda text: baseline.predict([text]), texts)
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch_size):
+        baseline.predict(texts[i:i + batch_size])
+    throughput = len(texts) / (time.perf_counter() - start)
+    return {"name": "TF-IDF + logistic regression", "role": "baseline", "runtime": "scikit-learn",
+            "params": baseline.num_features * len(test.label_names), "disk_mb": None,
+            "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"],
+            "latency_ms_p50": latency["p50"], "latency_ms_p95": latency["p95"],
+            "throughput_per_s": throughput, "peak_rss_mb": None, "fit_s": fit_s}
+
+
+def hardware() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def build_card(models: list[dict], train: LabelledTexts, test: LabelledTexts, *, title: str,
+               training: dict | None = None) -> dict:
+    return {"title": title,
+            "task": {"dataset": test.source, "n_train": len(train), "n_test": len(test),
+                     "num_labels": len(test.label_names)},
+            "hardware": hardware(), "models": models, "training": training or {}}

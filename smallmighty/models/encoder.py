@@ -1,0 +1,249 @@
+"""Encoder classifiers: load a Hugging Face teacher, build a small student, save both in standard format.
+
+Students are plain `BertForSequenceClassification` models with a standard tokenizer, so
+`AutoModelForSequenceClassification.from_pretrained(out)` loads them anywhere. A student is built
+either from an explicit shape or by shrinking the teacher: keep every k-th layer (when the width is
+unchanged), narrow the width (embeddings initialised by PCA of the teacher's), and trim the
+vocabulary to the word pieces the training data uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from smallmighty.errors import SlmError
+from smallmighty.io import atomic_path
+
+#: Written next to config.json: how the model was made and the sequence length it was trained at.
+META_FILE = "smallmighty.json"
+
+
+def _transformers():
+    """Import transformers lazily: it is slow to import and not every command needs it."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def load_tokenizer(name_or_path: str):
+    transformers = _transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise SlmError(f"could not load a tokenizer from '{name_or_path}': {exc}") from exc
+
+
+def load_encoder_classifier(name_or_path: str, label_names: list[str] | None = None) -> tuple[nn.Module, object]:
+    """Load an encoder with a classification head for `label_names`.
+
+    When the checkpoint already has a head for exactly these labels it is kept (a fine-tuned
+    teacher); otherwise a fresh head is made (a base encoder such as MiniLM, or a different task).
+    """
+    transformers = _transformers()
+    path = Path(name_or_path)
+    if not path.exists() and (str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1):
+        raise SlmError(f"model path '{name_or_path}' does not exist")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise SlmError(f"could not load a model config from '{name_or_path}': {exc}") from exc
+    kwargs: dict = {}
+    if label_names is not None:
+        existing = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+        if existing != list(label_names):
+            kwargs = dict(
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={n: i for i, n in enumerate(label_names)},
+                ignore_mismatched_sizes=True,
+            )
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            str(name_or_path), trust_remote_code=False, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise SlmError(f"could not load an encoder classifier from '{name_or_path}': {exc}") from exc
+    return model, load_tokenizer(name_or_path)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def label_names_of(model: nn.Module) -> list[str]:
+    id2label = model.config.id2label
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def save_classifier(model: nn.Module, tokenizer, out_dir: str | Path, *, max_length: int,
+                    meta: dict | None = None) -> Path:
+    """Save model (safetensors), tokenizer and our metadata, atomically replacing `out_dir`."""
+    out_dir = Path(out_dir)
+    tokenizer.model_max_length = max_length
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps({"max_length": max_length, **(meta or {})}, indent=2) + "\n")
+    return out_dir
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dataclass
+class StudentShape:
+    """The size of a student encoder. `None` fields are taken from the teacher."""
+
+    layers: int = 4
+    hidden: int | None = None
+    heads: int | None = None
+    ffn: int | None = None
+    trim_vocab: bool = True
+
+    def resolve(self, teacher_config) -> "StudentShape":
+        hidden = self.hidden or teacher_config.hidden_size
+        if self.heads:
+            heads = self.heads
+        elif hidden == teacher_config.hidden_size:
+            heads = teacher_config.num_attention_heads
+        else:
+            heads = max(1, hidden // 64)
+        ffn = self.ffn or (teacher_config.intermediate_size * hidden // teacher_config.hidden_size)
+        shape = StudentShape(self.layers, hidden, heads, ffn, self.trim_vocab)
+        if shape.layers < 1:
+            raise SlmError(f"student layers must be at least 1, got {shape.layers}")
+        if hidden % heads:
+            raise SlmError(f"student hidden size {hidden} is not divisible by its {heads} attention heads")
+        return shape
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def trimmed_vocabulary(tokenizer, texts: Iterable[str], max_length: int) -> list[int]:
+    """Teacher token ids to keep: the special tokens, every piece the texts use, and the ASCII
+    characters (whole-word and `##` continuation forms) so any later word still tokenizes into
+    pieces instead of collapsing to [UNK]. Built from training texts only.
+    """
+    vocab = tokenizer.get_vocab()
+    if getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) is None:
+        raise SlmError("vocabulary trimming needs a WordPiece tokenizer (BERT-style); use --no-trim-vocab")
+    keep = set(tokenizer.all_special_ids)
+    for i in range(0, len(texts := list(texts)), 1024):
+        for ids in tokenizer(texts[i:i + 1024], truncation=True, max_length=max_length)["input_ids"]:
+            keep.update(ids)
+    for code in range(33, 127):
+        for piece in (chr(code), "##" + chr(code)):
+            if piece in vocab:
+                keep.add(vocab[piece])
+    return sorted(keep)
+
+
+def _trim_tokenizer(tokenizer, keep_ids: list[int]):
+    inverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    new_vocab = {inverse[i]: n for n, i in enumerate(keep_ids)}
+    kwargs = {k: v for k, v in tokenizer.init_kwargs.items()
+              if k in ("do_lower_case", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+                       "bos_token", "eos_token", "tokenize_chinese_chars", "strip_accents")}
+    trimmed = type(tokenizer)(vocab=new_vocab, **kwargs)
+    if len(trimmed) != len(new_vocab):
+        raise SlmError(f"could not rebuild a trimmed {type(tokenizer).__name__}")
+    return trimmed
+
+
+def _pca_basis(matrix: torch.Tensor, dim: int) -> torch.Tensor:
+    """The top-`dim` principal directions of the rows of `matrix`, as a [width, dim] projection."""
+    centered = matrix - matrix.mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(centered.double(), full_matrices=False)
+    return v[:dim].T.to(matrix.dtype)
+
+
+def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_texts: list[str] | None = None,
+                  max_length: int = 64) -> tuple[nn.Module, object, dict]:
+    """Make a BERT student for `teacher`'s labels, sharing (a trimmed copy of) its tokenizer.
+
+    With the teacher's width the student starts from the teacher's embeddings and from every k-th
+    teacher layer; with a narrower width its embeddings start from a PCA projection of the
+    teacher's and its layers from scratch. Returns (student, student_tokenizer, info).
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from smallmighty.distill.layer_map import every_kth_layer
+
+    tcfg = teacher.config
+    shape = shape.resolve(tcfg)
+    if shape.layers > tcfg.num_hidden_layers and shape.hidden == tcfg.hidden_size:
+        raise SlmError(f"student has {shape.layers} layers but the teacher only {tcfg.num_hidden_layers}")
+    keep_ids = list(range(len(tokenizer)))
+    student_tokenizer = tokenizer
+    if shape.trim_vocab:
+        if not train_texts:
+            raise SlmError("vocabulary trimming needs the training texts")
+        keep_ids = trimmed_vocabulary(tokenizer, train_texts, max_length)
+        student_tokenizer = _trim_tokenizer(tokenizer, keep_ids)
+    config = BertConfig(
+        vocab_size=len(keep_ids),
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=max_length,
+        type_vocab_size=2,
+        hidden_act="gelu",
+        pad_token_id=student_tokenizer.pad_token_id,
+        num_labels=tcfg.num_labels,
+        id2label=dict(tcfg.id2label),
+        label2id=dict(tcfg.label2id),
+    )
+    student = BertForSequenceClassification(config)
+    base = teacher.base_model
+    t_emb = base.embeddings
+    word = t_emb.word_embeddings.weight.detach()[torch.tensor(keep_ids)]
+    pos = t_emb.position_embeddings.weight.detach()[:max_length]
+    types = (t_emb.token_type_embeddings.weight.detach()[:2] if hasattr(t_emb, "token_type_embeddings")
+             and t_emb.token_type_embeddings is not None else None)
+    s_emb = student.bert.embeddings
+    same_width = shape.hidden == tcfg.hidden_size
+    copied_layers: list[int] = []
+    with torch.no_grad():
+        if same_width:
+            s_emb.word_embeddings.weight.copy_(word)
+            s_emb.position_embeddings.weight.copy_(pos)
+            if types is not None:
+                s_emb.token_type_embeddings.weight.copy_(types)
+            s_emb.LayerNorm.load_state_dict(t_emb.LayerNorm.state_dict())
+            compatible = (tcfg.model_type == "bert" and shape.heads == tcfg.num_attention_heads
+                          and shape.ffn == tcfg.intermediate_size)
+            if compatible:
+                copied_layers = every_kth_layer(tcfg.num_hidden_layers, shape.layers)
+                for s_layer, t_index in zip(student.bert.encoder.layer, copied_layers):
+                    s_layer.load_state_dict(base.encoder.layer[t_index].state_dict())
+                if getattr(base, "pooler", None) is not None:
+                    student.bert.pooler.load_state_dict(base.pooler.state_dict())
+        else:
+            basis = _pca_basis(word, shape.hidden)
+            s_emb.word_embeddings.weight.copy_(word @ basis)
+            s_emb.position_embeddings.weight.copy_(pos @ basis)
+            if types is not None:
+                s_emb.token_type_embeddings.weight.copy_(types @ basis)
+    info = {
+        "shape": shape.as_dict(),
+        "vocab_size": len(keep_ids),
+        "teacher_vocab_size": len(tokenizer),
+        "init": "teacher layers " + str(copied_layers) if copied_layers else
+                ("teacher embeddings" if same_width else "PCA of teacher embeddings"),
+        "params": count_parameters(student),
+        "teacher_params": count_parameters(teacher),
+    }
+    return student, student_tokenizer, info
+

@@ -1,0 +1,53 @@
+"""Command-line flags for optimisation settings and recipe files (LitGPT-style configs as data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int = 32,
+                        max_length: int = 64) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default: {epochs})")
+    group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate, AdamW (default: {lr})")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default: {batch_size})")
+    group.add_argument("--max-length", type=int, default=max_length,
+                       help=f"tokens kept per text (default: {max_length})")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--checkpoint-every", type=int, default=200,
+                       help="optimizer steps between checkpoints (default: 200; epochs always end with one)")
+    group.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="a JSON file of settings (keys are these flags' names with underscores); "
+                             "flags given on the command line win")
+
+
+def train_config_from_args(args: argparse.Namespace, **overrides):
+    from smallmighty.train.loop import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, **overrides)
+
+
+def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill in settings from `--recipe`: a recipe value replaces a flag left at its default, so
+    flags typed on the command line still win."""
+    from smallmighty.errors import SlmError
+
+    if not getattr(args, "recipe", None):
+        return args
+    try:
+        recipe = json.loads(args.recipe.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SlmError(f"recipe '{args.recipe}': {exc}") from exc
+    if not isinstance(recipe, dict):
+        raise SlmError(f"recipe '{args.recipe}': expected a JSON object of settings")
+    unknown = sorted(set(recipe) - set(vars(args)))
+    if unknown:
+        raise SlmError(f"recipe '{args.recipe}': unknown setting(s) {', '.join(unknown)}")
+    for key, value in recipe.items():
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+    return args

@@ -1,0 +1,127 @@
+"""The training loop: learning, checkpoints, resume after a kill, and 2-process data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smallmighty.data.classification import load_labelled_splits
+from smallmighty.errors import SlmError
+from smallmighty.models.encoder import load_encoder_classifier
+from smallmighty.train.batching import Collator, encode_texts, make_examples
+from smallmighty.train.finetune import ClassificationObjective, finetune_classifier
+from smallmighty.train.loop import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _finetune_cmd(encoder: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "smallmighty.cli", "finetune", "--model", str(encoder), "--data", str(data),
+            "--out", str(out), "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--max-length", "16",
+            "--checkpoint-every", "2", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_finetune_learns_the_task(tiny_encoder_dir, topic_data_dir, tmp_path):
+    from smallmighty.serve.classifier import load_classifier
+
+    train, test = load_labelled_splits(topic_data_dir)
+    out = finetune_classifier(str(tiny_encoder_dir), train, tmp_path / "model",
+                              config=TrainConfig(epochs=4, batch_size=16, lr=2e-3, warmup_ratio=0.0), max_length=16)
+    assert not (tmp_path / "model.checkpoint").exists()  # cleaned up after success
+    predicted = load_classifier(str(out), "torch").predict(test.texts)
+    accuracy = sum(p == test.label_names[y] for p, y in zip(predicted, test.labels)) / len(test)
+    assert accuracy > 0.9  # chance is 1/3
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, straight), check=True, env=_env(),
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed.with_name("killed.checkpoint") / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["global_step"] >= 4:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not killed.exists()
+    step_at_kill = json.loads(state.read_text())["global_step"]
+    assert 0 < step_at_kill < 90
+
+    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True, env=_env(),
+                   capture_output=True)
+    a = load_file(straight / "model.safetensors")
+    b = load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_without_checkpoint_or_with_other_settings_is_an_error(tiny_encoder_dir, topic_data_dir, tmp_path):
+    train_data, _ = load_labelled_splits(topic_data_dir, max_train=32)
+    with pytest.raises(SlmError, match="no checkpoint"):
+        finetune_classifier(str(tiny_encoder_dir), train_data, tmp_path / "m", config=TrainConfig(epochs=1),
+                            resume=True)
+    model, tok = load_encoder_classifier(str(tiny_encoder_dir), train_data.label_names)
+    examples = make_examples(encode_texts(tok, train_data.texts, 16), train_data.labels)
+    ckpt = tmp_path / "ckpt"
+    train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
+          TrainConfig(epochs=1, batch_size=8), checkpoint_dir=ckpt)
+    assert json.loads((ckpt / "state.json").read_text())["global_step"] == 4
+    with pytest.raises(SlmError, match="other settings"):
+        train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
+              TrainConfig(epochs=1, batch_size=8, lr=1.0), checkpoint_dir=ckpt, resume=True)
+
+
+def test_two_processes_under_torchrun_stay_in_sync(tiny_encoder_dir, topic_data_dir, tmp_path):
+    """ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2: gloo DDP; each rank reports a checksum of
+    its weights after training, and the two must be identical (gradients were averaged)."""
+    script = tmp_path / "ddp_finetune.py"
+    script.write_text(f"""
+import json, os, torch
+from smallmighty.data.classification import load_labelled_splits
+from smallmighty.train.finetune import ClassificationObjective
+from smallmighty.train.loop import TrainConfig, train
+from smallmighty.train.batching import Collator, encode_texts, make_examples
+from smallmighty.models.encoder import load_encoder_classifier
+from accelerate import PartialState
+torch.manual_seed(0)
+data, _ = load_labelled_splits({str(topic_data_dir)!r})
+model, tok = load_encoder_classifier({str(tiny_encoder_dir)!r}, data.label_names)
+examples = make_examples(encode_texts(tok, data.texts, 16), data.labels)
+trained = train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
+                TrainConfig(epochs=1, batch_size=8, lr=1e-3))
+state = PartialState()
+flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
+with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), "w") as f:
+    json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(),
+               "sq": flat.double().pow(2).sum().item(), "first": flat[:5].tolist()}}, f)
+""")
+    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", str(script)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["sum"] == ranks[1]["sum"] and ranks[0]["sq"] == ranks[1]["sq"]
+    assert ranks[0]["first"] == ranks[1]["first"]

@@ -1,0 +1,68 @@
+"""Distillation end to end on a small learnable task: the student learns from the teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from smallmighty.data.classification import load_labelled_splits
+from smallmighty.distill.classifier import DistillConfig, distill_classifier
+from smallmighty.distill.losses import DistillWeights
+from smallmighty.errors import SlmError
+from smallmighty.models.encoder import StudentShape
+from smallmighty.train.finetune import finetune_classifier
+from smallmighty.train.loop import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def task(topic_data_dir, tiny_encoder_dir, tmp_path_factory):
+    train, test = load_labelled_splits(topic_data_dir)
+    teacher = finetune_classifier(str(tiny_encoder_dir), train, tmp_path_factory.mktemp("t") / "teacher",
+                                  config=TrainConfig(epochs=4, batch_size=16, lr=2e-3, warmup_ratio=0.0),
+                                  max_length=16)
+    return train, test, teacher
+
+
+def _accuracy(model_dir, test) -> float:
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        pred = model(**tok(test.texts, padding=True, truncation=True, return_tensors="pt")).logits.argmax(-1)
+    return (pred == torch.tensor(test.labels)).float().mean().item()
+
+
+@pytest.mark.parametrize("two_stage", [False, True])
+def test_student_learns_from_teacher(task, tmp_path, two_stage):
+    train, test, teacher = task
+    config = DistillConfig(
+        shape=StudentShape(layers=1, hidden=32, heads=2, ffn=64),
+        weights=DistillWeights(kd=0.8, ce=0.2, hidden=1.0 if two_stage else 0.0,
+                               attention=1.0 if two_stage else 0.0),
+        train=TrainConfig(epochs=6, batch_size=16, lr=3e-3, warmup_ratio=0.0),
+        intermediate_epochs=2 if two_stage else 0, max_length=16, layer_map="1:2")
+    info = distill_classifier(str(teacher), train, tmp_path / "student", config)
+    assert info["stages"] == (["intermediate", "prediction"] if two_stage else ["prediction"])
+    assert info["params"] < info["teacher_params"] / 8
+    meta = json.loads((tmp_path / "student" / "smallmighty.json").read_text())
+    assert meta["recipe"] == "distill" and meta["max_length"] == 16
+    assert _accuracy(tmp_path / "student", test) > 0.85  # chance is 1/3
+    assert not (tmp_path / "student.checkpoint").exists()
+
+
+def test_teacher_for_other_labels_is_rejected(task, tmp_path, tiny_encoder_dir):
+    train, _, _ = task
+    with pytest.raises(SlmError, match="other labels"):
+        distill_classifier(str(tiny_encoder_dir), train, tmp_path / "s", DistillConfig())
+
+
+def test_invalid_settings_are_rejected(task, tmp_path):
+    train, _, teacher = task
+    with pytest.raises(SlmError, match="top_k"):
+        distill_classifier(str(teacher), train, tmp_path / "s", DistillConfig(top_k=0))
+    with pytest.raises(SlmError, match="layer"):
+        distill_classifier(str(teacher), train, tmp_path / "s",
+                           DistillConfig(shape=StudentShape(layers=1, hidden=32, heads=2), layer_map="1:9",
+                                         weights=DistillWeights(hidden=1.0), max_length=16))

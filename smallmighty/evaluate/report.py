@@ -160,15 +160,17 @@ _COMPARISON_COLUMNS: list[tuple[str, str, str]] = [
     ("accuracy kept", "retained", ".1%"),
     ("F1 kept", "f1_retained", ".1%"),
     ("speedup", "speedup", ".2f"),
-    ("throughput x", "throughput_ratio", ".2f"),
-    ("params /", "size_ratio", ".1f"),
-    ("disk /", "disk_ratio", ".1f"),
-    ("RAM /", "memory_ratio", ".2f"),
+    ("throughput", "throughput_ratio", ".2f"),
+    ("fewer params", "size_ratio", ".1f"),
+    ("less disk", "disk_ratio", ".1f"),
+    ("less RAM", "memory_ratio", ".2f"),
 ]
 
 
 def _comparison_cells(c: dict) -> list[str]:
-    return [_fmt_opt(c[key], fmt) for _, key, fmt in _COMPARISON_COLUMNS]
+    """Shares print as percentages, the other ratios as "N.NNx"."""
+    return [_fmt_opt(c[key], fmt) + ("x" if c[key] is not None and not fmt.endswith("%") else "")
+            for _, key, fmt in _COMPARISON_COLUMNS]
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -375,7 +377,7 @@ def render_html(card: dict, summary: dict) -> str:
     comparisons = ""
     if summary["comparisons"]:
         comparisons = ("<h2>Compared with the teacher</h2><p>Ratios above 1 favour the model: accuracy kept is "
-                       "model/teacher; speedup, params, disk and RAM are teacher/model; throughput is "
+                       "model/teacher; speedup, fewer params, less disk and less RAM are teacher/model; throughput is "
                        "model/teacher.</p>" + _comparison_table(summary["comparisons"]))
     figures = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{_e(caption)}">'
                       f"<figcaption>{_e(caption)}</figcaption></figure>"

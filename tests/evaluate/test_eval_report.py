@@ -102,7 +102,7 @@ def test_write_report_writes_json_and_self_contained_html(tmp_path: Path) -> Non
     page = html_path.read_text()
     for name in ("big-teacher", "tiny-student", "tfidf"):
         assert name in page
-    for number in ("90.00%", "88.20%", "85.50%", "12.00", "4.50", "2000", "20.0M", "98.0%", "4.00"):
+    for number in ("90.00%", "88.20%", "85.50%", "12.00", "4.50", "2000", "20.0M", "98.0%", "4.00x"):
         assert number in page
     assert html.escape(data["summary"]["headline"]) in page
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == 5
@@ -137,5 +137,6 @@ def test_format_table_lines_up_columns() -> None:
     assert len({len(line) for line in (header, rule, *rows)}) == 1  # fixed width
     assert "tiny-student" in rows[1] and "88.20%" in rows[1] and "4.0M" in rows[1]
     assert rows[2].split()[3] == "-"  # the baseline has no parameter count
-    assert "4.00" in text.split("vs teacher")[1]  # comparison table follows
+    comparison = text.split("vs teacher")[1]  # the comparison table follows
+    assert "98.0%" in comparison and "4.00x" in comparison and "5.0x" in comparison
     assert lines[-1] == summarize(card(TEACHER, STUDENT, BASELINE))["headline"]

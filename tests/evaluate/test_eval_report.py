@@ -1,0 +1,142 @@
+"""Report card: comparison maths, the JSON and self-contained HTML outputs, and the terminal table."""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from smallmighty.errors import SlmError
+from smallmighty.evaluate.report import format_table, summarize, write_report
+
+
+def model(name: str, role: str, runtime: str = "torch", **figures: float | int | None) -> dict:
+    base = {"name": name, "role": role, "runtime": runtime, "params": 1000, "disk_mb": 1.0, "accuracy": 0.5,
+            "macro_f1": 0.5, "latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "throughput_per_s": 100.0,
+            "peak_rss_mb": 100.0}
+    return {**base, **figures}
+
+
+TEACHER = model("big-teacher", "teacher", params=20_000_000, disk_mb=80.0, accuracy=0.90, macro_f1=0.80,
+                latency_ms_p50=12.0, latency_ms_p95=16.0, throughput_per_s=400.0, peak_rss_mb=600.0)
+STUDENT = model("tiny-student", "student", params=4_000_000, disk_mb=16.0, accuracy=0.882, macro_f1=0.76,
+                latency_ms_p50=3.0, latency_ms_p95=4.5, throughput_per_s=2000.0, peak_rss_mb=300.0)
+BASELINE = model("tfidf", "baseline", runtime="sklearn", params=None, disk_mb=8.0, accuracy=0.855,
+                 macro_f1=0.72, latency_ms_p50=2.4, latency_ms_p95=3.1, throughput_per_s=3000.0, peak_rss_mb=None)
+
+
+def card(*models: dict) -> dict:
+    return {"title": "Test card", "task": {"dataset": "toy", "n_train": 100, "n_test": 40, "num_labels": 3},
+            "hardware": {"cores": 2, "torch_threads": 2, "platform": "Linux"}, "models": list(models),
+            "training": {"epochs": 3, "schedule": {"lr": 1e-4}}}
+
+
+def test_summarize_compares_with_the_teacher() -> None:
+    summary = summarize(card(TEACHER, STUDENT, BASELINE))
+    assert summary["teacher"] == "big-teacher (torch)"
+    student, baseline = summary["comparisons"]
+    assert student["model"] == "tiny-student (torch)"
+    assert student["retained"] == pytest.approx(0.882 / 0.90)  # 0.98
+    assert student["f1_retained"] == pytest.approx(0.95)
+    assert student["speedup"] == pytest.approx(4.0)
+    assert student["throughput_ratio"] == pytest.approx(5.0)
+    assert student["size_ratio"] == pytest.approx(5.0)
+    assert student["disk_ratio"] == pytest.approx(5.0)
+    assert student["memory_ratio"] == pytest.approx(2.0)
+    assert baseline["speedup"] == pytest.approx(5.0)
+    assert baseline["size_ratio"] is None and baseline["memory_ratio"] is None  # missing figures, no ratio
+    assert summary["headline"] == ("Student tiny-student (torch) keeps 98.0% of the teacher's accuracy with "
+                                   "5.0x fewer parameters and runs 4.0x faster at batch 1 "
+                                   "(teacher: big-teacher (torch)).")
+
+
+def test_each_model_is_compared_with_the_teacher_on_its_own_runtime() -> None:
+    onnx_teacher = {**TEACHER, "runtime": "onnx", "latency_ms_p50": 4.0}
+    onnx_student = {**STUDENT, "runtime": "onnx", "latency_ms_p50": 1.0}
+    summary = summarize(card(TEACHER, onnx_teacher, STUDENT, onnx_student, BASELINE))
+    speedups = {c["model"]: (c["teacher"], c["speedup"]) for c in summary["comparisons"]}
+    assert speedups["tiny-student (onnx)"] == ("big-teacher (onnx)", pytest.approx(4.0))
+    assert speedups["tiny-student (torch)"] == ("big-teacher (torch)", pytest.approx(4.0))
+    assert speedups["tfidf (sklearn)"] == ("big-teacher (torch)", pytest.approx(5.0))  # no sklearn teacher
+
+
+def test_a_slower_bigger_student_is_worded_as_such() -> None:
+    slow = {**STUDENT, "params": 40_000_000, "latency_ms_p50": 24.0}
+    assert "2.0x more parameters and runs 2.0x slower" in summarize(card(TEACHER, slow))["headline"]
+
+
+def test_no_teacher_means_no_comparisons() -> None:
+    summary = summarize(card(STUDENT))
+    assert summary["teacher"] is None and summary["comparisons"] == []
+    assert "88.2%" in summary["headline"] and "no teacher" in summary["headline"]
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"role": "teaher"}, "field 'role'"),
+    ({"accuracy": float("nan")}, "field 'accuracy'"),
+    ({"latency_ms_p50": None}, "field 'latency_ms_p50'"),
+    ({"name": ""}, "field 'name'"),
+])
+def test_bad_cards_name_the_model_and_field(change: dict, match: str) -> None:
+    with pytest.raises(SlmError, match=f"model 2.*{match}"):
+        summarize(card(TEACHER, {**STUDENT, **change}))
+    with pytest.raises(SlmError, match="non-empty 'models'"):
+        summarize(card())
+
+
+def test_write_report_writes_json_and_self_contained_html(tmp_path: Path) -> None:
+    original = card(TEACHER, STUDENT, BASELINE)
+    kept = copy.deepcopy(original)
+    json_path, html_path = write_report(tmp_path / "out", original)
+    assert original == kept  # the caller's card is not modified
+    assert (json_path, html_path) == (tmp_path / "out" / "report.json", tmp_path / "out" / "report.html")
+
+    data = json.loads(json_path.read_text())
+    assert data["models"] == kept["models"] and data["training"] == kept["training"]
+    assert data["summary"]["comparisons"][0]["speedup"] == pytest.approx(4.0)
+
+    page = html_path.read_text()
+    for name in ("big-teacher", "tiny-student", "tfidf"):
+        assert name in page
+    for number in ("90.00%", "88.20%", "85.50%", "12.00", "4.50", "2000", "20.0M", "98.0%", "4.00x"):
+        assert number in page
+    assert html.escape(data["summary"]["headline"]) in page
+    assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', page)) == 5
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "<style>" in page
+
+
+def test_student_only_card_renders(tmp_path: Path) -> None:
+    _, html_path = write_report(tmp_path, card(STUDENT))
+    page = html_path.read_text()
+    assert "tiny-student" in page and "Compared with the teacher" not in page
+    assert page.count("data:image/png;base64,") == 5
+
+
+def test_user_strings_are_escaped(tmp_path: Path) -> None:
+    evil = {**STUDENT, "name": "<b>x</b>", "runtime": "$onnx"}
+    hostile = card(TEACHER, evil)
+    hostile["title"] = "<script>alert(1)</script>"
+    hostile["training"] = {"<i>note</i>": "a & b"}
+    _, html_path = write_report(tmp_path, hostile)
+    page = html_path.read_text()
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "&lt;i&gt;note&lt;/i&gt;" in page and "a &amp; b" in page
+
+
+def test_format_table_lines_up_columns() -> None:
+    text = format_table(card(TEACHER, STUDENT, BASELINE))
+    lines = text.splitlines()
+    header, rule, *rows = lines[:5]
+    assert header.split()[:3] == ["model", "role", "runtime"]
+    assert len({len(line) for line in (header, rule, *rows)}) == 1  # fixed width
+    assert "tiny-student" in rows[1] and "88.20%" in rows[1] and "4.0M" in rows[1]
+    assert rows[2].split()[3] == "-"  # the baseline has no parameter count
+    comparison = text.split("vs teacher")[1]  # the comparison table follows
+    assert "98.0%" in comparison and "4.00x" in comparison and "5.0x" in comparison
+    assert lines[-1] == summarize(card(TEACHER, STUDENT, BASELINE))["headline"]

@@ -7,8 +7,6 @@ memory or warm caches never flatter another's.
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -17,11 +15,17 @@ import numpy as np
 from smallmighty.data.classification import LabelledTexts
 from smallmighty.evaluate.baseline import TfidfBaseline
 from smallmighty.evaluate.metrics import classification_metrics
-from smallmighty.evaluate.speed import disk_size_mb, latency_ms, profile_classifier
+from smallmighty.evaluate.speed import hardware_info, latency_ms, profile_classifier, throughput_per_s
 from smallmighty.models.encoder import read_meta
 
 #: Test texts timed one at a time for batch-1 latency (the quality metrics use the whole split).
 LATENCY_ITEMS = 300
+
+
+def disk_size_mb(path: Path) -> float:
+    """Size on disk of a file, or of everything under a folder, in MiB."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
 
 
 def _weights_file(model_dir: Path, runtime: str) -> Path:
@@ -59,10 +63,7 @@ def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: 
     quality = classification_metrics(test.labels, baseline.predict(test.texts).tolist(), test.label_names)
     texts = test.texts[:LATENCY_ITEMS]
     latency = latency_ms(lambda text: baseline.predict([text]), texts)
-    start = time.perf_counter()
-    for i in range(0, len(texts), batch_size):
-        baseline.predict(texts[i:i + batch_size])
-    throughput = len(texts) / (time.perf_counter() - start)
+    throughput = throughput_per_s(baseline.predict, texts, batch_size=batch_size)
     return {"name": "TF-IDF + logistic regression", "role": "baseline", "runtime": "scikit-learn",
             "params": baseline.num_features * len(test.label_names), "disk_mb": None,
             "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"],
@@ -70,16 +71,9 @@ def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: 
             "throughput_per_s": throughput, "peak_rss_mb": None, "fit_s": fit_s}
 
 
-def hardware() -> dict:
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-
-
 def build_card(models: list[dict], train: LabelledTexts, test: LabelledTexts, *, title: str,
                training: dict | None = None) -> dict:
     return {"title": title,
             "task": {"dataset": test.source, "n_train": len(train), "n_test": len(test),
                      "num_labels": len(test.label_names)},
-            "hardware": hardware(), "models": models, "training": training or {}}
+            "hardware": hardware_info(), "models": models, "training": training or {}}

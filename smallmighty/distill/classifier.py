@@ -73,7 +73,7 @@ class DistillObjective(nn.Module):
         mask = batch["attention_mask"]
         out = self.student(input_ids=batch["input_ids"], attention_mask=mask,
                            output_hidden_states=w.hidden > 0, output_attentions=w.attention > 0)
-        teacher = self.cache.batch(batch["index"], mask.shape[1])
+        teacher = _to_device(self.cache.batch(batch["index"].cpu(), mask.shape[1]), mask.device)
         parts: dict[str, torch.Tensor] = {}
         if w.kd:
             parts["kd"] = soft_logit_kd_topk(out.logits, teacher["topk_values"], teacher["topk_indices"],
@@ -90,6 +90,13 @@ class DistillObjective(nn.Module):
                 for s, t in self.layer_map if s > 0) / max(1, sum(s > 0 for s, _ in self.layer_map))
         loss = sum(getattr(w, name) * value for name, value in parts.items())
         return loss, {name: value.item() for name, value in parts.items()}
+
+
+def _to_device(tree, device: torch.device):
+    """Move the cached teacher tensors (kept on the CPU) to where the student runs."""
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    return tree.to(device, non_blocking=True)
 
 
 def _use_eager_attention(model: nn.Module) -> None:
@@ -130,6 +137,8 @@ def distill_classifier(teacher_dir: str, train_data: LabelledTexts, out_dir: str
                      attention_layers=sorted({t for s, t in layer_map if s > 0}) if uses_attention else [])
     work = checkpoint_dir_for(out_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        teacher.cuda()
     cache = build_teacher_cache(teacher, teacher_ids, tokenizer.pad_token_id, spec, work / "teacher_cache.safetensors",
                                 teacher_id=str(Path(teacher_dir).resolve()))
     del teacher  # the cache is all the student needs from here on

@@ -98,6 +98,7 @@ def build_teacher_cache(teacher: nn.Module, token_ids: list[list[int]], pad_toke
         if cache.fingerprint == fp:
             return cache
     teacher.eval()
+    device = next(teacher.parameters()).device
     lengths = torch.tensor([len(ids) for ids in token_ids])
     num_labels = teacher.config.num_labels
     k = min(spec.top_k, num_labels)
@@ -115,18 +116,18 @@ def build_teacher_cache(teacher: nn.Module, token_ids: list[list[int]], pad_toke
         for r, i in enumerate(rows):
             input_ids[r, : lengths[i]] = torch.tensor(token_ids[i])
             mask[r, : lengths[i]] = 1
-        out = teacher(input_ids=input_ids, attention_mask=mask,
+        out = teacher(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                       output_hidden_states=bool(spec.hidden_layers),
                       output_attentions=bool(spec.attention_layers))
-        values, indices = out.logits.float().topk(k, dim=-1)
+        values, indices = out.logits.float().cpu().topk(k, dim=-1)
         topk_values[rows] = values
         topk_indices[rows] = indices.to(torch.int32)
         for r, i in enumerate(rows):
             n = int(lengths[i])
             for j in spec.hidden_layers:
-                per_example_hidden[j][i] = out.hidden_states[j][r, :n].half()
+                per_example_hidden[j][i] = out.hidden_states[j][r, :n].half().cpu()
             for j in spec.attention_layers:
-                per_example_attention[j][i] = out.attentions[j - 1][r, :, :n, :n].reshape(-1, n * n).half()
+                per_example_attention[j][i] = out.attentions[j - 1][r, :, :n, :n].reshape(-1, n * n).half().cpu()
     everyone = range(len(token_ids))
     tensors = {"topk_values": topk_values, "topk_indices": topk_indices, "lengths": lengths}
     tensors.update({f"hidden.{j}": torch.cat([v[i] for i in everyone]) for j, v in per_example_hidden.items()})

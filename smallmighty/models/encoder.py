@@ -65,8 +65,9 @@ def load_encoder_classifier(name_or_path: str, label_names: list[str] | None = N
                 ignore_mismatched_sizes=True,
             )
     try:
+        # fp32 master weights whatever the checkpoint's dtype: training in fp16 on a CPU diverges.
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), trust_remote_code=False, **kwargs
+            str(name_or_path), trust_remote_code=False, dtype=torch.float32, **kwargs
         )
     except (OSError, ValueError) as exc:
         raise SlmError(f"could not load an encoder classifier from '{name_or_path}': {exc}") from exc

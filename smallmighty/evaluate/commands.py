@@ -1,0 +1,57 @@
+"""`slm eval`: the report card for classifiers, teacher and students side by side."""
+
+from __future__ import annotations
+
+import argparse
+
+from smallmighty.data.arguments import add_data_arguments, load_data_from_args
+
+EXAMPLES = """examples:
+  slm eval --teacher runs/distill/teacher --model runs/distill/student --data ../shared/datasets/banking77
+  slm eval --model runs/distill/student --runtime torch --no-baseline --out runs/eval-torch
+"""
+
+
+def register(subparsers) -> None:
+    sub = subparsers.add_parser("eval", help="report card: quality, size, memory and speed of classifiers",
+                                description="Evaluate classifiers on the test split and write report.json and a "
+                                            "self-contained report.html: accuracy, macro-F1, parameters, disk size, "
+                                            "peak RAM, batch-1 latency p50/p95 and batch-32 throughput on this CPU, "
+                                            "with ratios against the teacher and a TF-IDF baseline.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("--model", action="append", default=[], metavar="DIR",
+                     help="a classifier folder to evaluate as a student (repeatable)")
+    sub.add_argument("--teacher", default=None, metavar="DIR", help="the teacher classifier folder to compare with")
+    sub.add_argument("--runtime", default="onnx", choices=["torch", "onnx", "onnx-int8"],
+                     help="runtime every model is timed on (default: onnx)")
+    sub.add_argument("--no-baseline", dest="baseline", action="store_false",
+                     help="skip the TF-IDF + logistic regression baseline")
+    sub.add_argument("--out", default="runs/eval", help="folder for report.json and report.html (default: runs/eval)")
+    add_data_arguments(sub)
+    sub.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smallmighty.errors import SlmError
+    from smallmighty.evaluate.card import build_card, evaluate_baseline, evaluate_classifier
+    from smallmighty.evaluate.report import format_table, write_report
+
+    if not args.model and not args.teacher:
+        raise SlmError("nothing to evaluate: give --model DIR (and optionally --teacher DIR)")
+    train, test = load_data_from_args(args)
+    models = []
+    if args.teacher:
+        models.append(evaluate_classifier(args.teacher, test, name=Path(args.teacher).name or "teacher",
+                                          role="teacher", runtime=args.runtime))
+    for model in args.model:
+        models.append(evaluate_classifier(model, test, name=Path(model).name or "student", role="student",
+                                          runtime=args.runtime))
+    if args.baseline:
+        models.append(evaluate_baseline(train, test))
+    card = build_card(models, train, test, title=f"Report card: {Path(test.source).name}")
+    json_path, html_path = write_report(args.out, card)
+    print(format_table(card))
+    print(f"report: {html_path} (and {json_path})")
+    return 0

@@ -1,0 +1,190 @@
+"""A plain-PyTorch BERT sequence classifier that runs the weights of a Hugging Face
+`BertForSequenceClassification` folder.
+
+Why not just use transformers' model? Two reasons, both measured:
+- exporting transformers 5's BERT to ONNX with dynamic shapes gives logits that are wrong by 0.4-1.0,
+  while this forward exports exactly (see `smallmighty.compress.onnx_export`);
+- at batch 1 and ~15 tokens, eager latency is mostly per-operator Python overhead, and this forward
+  runs fewer operators (no dropout or mask-building machinery, token type folded into the position table).
+
+It only does what a single-sentence classifier needs at inference: no dropout, no token type ids
+(always 0), no caches, no cross-attention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smallmighty.errors import SlmError
+
+#: HF `hidden_act` names this forward implements, mapped to the same maths.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass(frozen=True)
+class BertShape:
+    """The numbers of a BERT classifier, read from an HF config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    layer_norm_eps: float
+    hidden_act: str
+    num_labels: int
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any] | Any) -> "BertShape":
+        """Read an HF BERT config (a `PretrainedConfig` or the dict of its config.json)."""
+        cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        if cfg.get("model_type") != "bert":
+            raise SlmError(f"expected a BERT config (model_type 'bert'), got {cfg.get('model_type')!r}")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise SlmError(f"only absolute position embeddings are supported, got "
+                           f"{cfg['position_embedding_type']!r}")
+        act = cfg.get("hidden_act", "gelu")
+        if act not in _ACTIVATIONS:
+            raise SlmError(f"unsupported hidden_act {act!r}; supported: {', '.join(_ACTIVATIONS)}")
+        num_labels = len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", 2)
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
+            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), hidden_act=act, num_labels=num_labels,
+        )
+
+
+class EncoderLayer(nn.Module):
+    """Post-LayerNorm transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, s: BertShape) -> None:
+        super().__init__()
+        self.num_heads = s.num_heads
+        self.query = nn.Linear(s.hidden_size, s.hidden_size)
+        self.key = nn.Linear(s.hidden_size, s.hidden_size)
+        self.value = nn.Linear(s.hidden_size, s.hidden_size)
+        self.attn_out = nn.Linear(s.hidden_size, s.hidden_size)
+        self.ln_attn = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.ffn_in = nn.Linear(s.hidden_size, s.intermediate_size)
+        self.ffn_out = nn.Linear(s.intermediate_size, s.hidden_size)
+        self.ln_ffn = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.act = _ACTIVATIONS[s.hidden_act]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: [batch, seq, hidden]; mask: additive [batch, 1, 1, seq], 0 for tokens, very negative for padding."""
+        # Separate Q/K/V matmuls with K transposed by one permute: the graph shape ONNX Runtime's
+        # transformer optimizer recognises and fuses into a single Attention op.
+        b, t, c = x.shape
+        h, d = self.num_heads, c // self.num_heads
+        q = self.query(x).view(b, t, h, d).permute(0, 2, 1, 3)  # [batch, heads, seq, head_dim]
+        k = self.key(x).view(b, t, h, d).permute(0, 2, 3, 1)  # [batch, heads, head_dim, seq]
+        v = self.value(x).view(b, t, h, d).permute(0, 2, 1, 3)
+        scores = torch.matmul(q, k) / math.sqrt(d) + mask
+        att = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(b, t, c)
+        x = self.ln_attn(x + self.attn_out(att))
+        return self.ln_ffn(x + self.ffn_out(self.act(self.ffn_in(x))))
+
+
+class BertClassifier(nn.Module):
+    """Embeddings -> encoder layers -> tanh pooler on [CLS] -> linear classifier, returning logits."""
+
+    def __init__(self, s: BertShape) -> None:
+        super().__init__()
+        self.shape = s
+        self.word = nn.Embedding(s.vocab_size, s.hidden_size)
+        # Position table with token type 0 already added: a single sentence never uses type 1.
+        self.position = nn.Embedding(s.max_positions, s.hidden_size)
+        self.ln_emb = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.layers = nn.ModuleList(EncoderLayer(s) for _ in range(s.num_layers))
+        self.pooler = nn.Linear(s.hidden_size, s.hidden_size)
+        self.classifier = nn.Linear(s.hidden_size, s.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: int64 [batch, seq] -> logits float32 [batch, num_labels]."""
+        x = self.ln_emb(self.word(input_ids) + self.position.weight[: input_ids.shape[1]])
+        dtype = x.dtype
+        mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+def _hf_to_ours(shape: BertShape, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and stack/fold where needed) HF `BertForSequenceClassification` tensors to ours."""
+    e = "bert.embeddings."
+    out = {
+        "word.weight": sd[e + "word_embeddings.weight"],
+        "position.weight": sd[e + "position_embeddings.weight"] + sd[e + "token_type_embeddings.weight"][0],
+        "ln_emb.weight": sd[e + "LayerNorm.weight"], "ln_emb.bias": sd[e + "LayerNorm.bias"],
+        "pooler.weight": sd["bert.pooler.dense.weight"], "pooler.bias": sd["bert.pooler.dense.bias"],
+        "classifier.weight": sd["classifier.weight"], "classifier.bias": sd["classifier.bias"],
+    }
+    for i in range(shape.num_layers):
+        h, o = f"bert.encoder.layer.{i}.", f"layers.{i}."
+        for p in ("weight", "bias"):
+            for n in ("query", "key", "value"):
+                out[f"{o}{n}.{p}"] = sd[f"{h}attention.self.{n}.{p}"]
+            out[o + "attn_out." + p] = sd[f"{h}attention.output.dense.{p}"]
+            out[o + "ln_attn." + p] = sd[f"{h}attention.output.LayerNorm.{p}"]
+            out[o + "ffn_in." + p] = sd[f"{h}intermediate.dense.{p}"]
+            out[o + "ffn_out." + p] = sd[f"{h}output.dense.{p}"]
+            out[o + "ln_ffn." + p] = sd[f"{h}output.LayerNorm.{p}"]
+    return out
+
+
+def from_hf_state_dict(config: Mapping[str, Any] | Any,
+                       state_dict: Mapping[str, torch.Tensor]) -> BertClassifier:
+    """Build a `BertClassifier` in eval mode holding the exact tensors of an HF BERT classifier.
+
+    `config` is an HF `BertConfig` or the dict of its config.json; `state_dict` uses HF's names
+    (`bert.embeddings...`, `classifier.weight`), as in a saved model.safetensors.
+    """
+    shape = BertShape.from_hf(config)
+    if "classifier.weight" not in state_dict:
+        raise SlmError("the weights have no 'classifier.weight': not a BertForSequenceClassification")
+    try:
+        ours = _hf_to_ours(shape, state_dict)
+    except KeyError as missing:
+        raise SlmError(f"the weights lack the BERT tensor {missing}") from None
+    model = BertClassifier(shape)
+    try:
+        model.load_state_dict(ours, strict=True)
+    except RuntimeError as err:  # shape mismatch between config.json and the tensors
+        raise SlmError(f"the weights do not match config.json: {err}") from None
+    return model.eval()
+
+
+def load_bert_classifier(model_dir: str | Path) -> BertClassifier:
+    """Load a saved HF `BertForSequenceClassification` folder (config.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise SlmError(f"model directory not found: {model_dir}")
+    config_path, weights_path = model_dir / "config.json", model_dir / "model.safetensors"
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise SlmError(f"{model_dir} is not a saved classifier: {needed.name} is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SlmError(f"{config_path}: not valid JSON ({err})") from None
+    try:
+        return from_hf_state_dict(config, load_file(weights_path))
+    except SlmError as err:
+        raise SlmError(f"{model_dir}: {err}") from None

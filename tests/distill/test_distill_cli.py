@@ -1,0 +1,49 @@
+"""`slm distill` end to end: teacher fine-tuned first, student distilled, report card written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smallmighty.cli import main
+
+
+def test_distill_command_writes_student_and_report(tiny_encoder_dir, topic_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher", str(tiny_encoder_dir), "--data", str(topic_data_dir), "--out", str(out),
+                 "--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64", "--epochs", "6", "--lr", "3e-3",
+                 "--batch-size", "16", "--teacher-epochs", "4", "--teacher-lr", "2e-3", "--max-length", "16"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuning the teacher" in printed and str(out / "report.html") in printed
+    card = json.loads((out / "report.json").read_text())
+    roles = [m["role"] for m in card["models"]]
+    assert roles == ["teacher", "student", "baseline"]
+    teacher, student, _ = card["models"]
+    assert student["runtime"] == teacher["runtime"] == "onnx"
+    assert student["params"] < teacher["params"] / 8
+    assert student["accuracy"] > 0.85 and teacher["accuracy"] > 0.85
+    assert student["latency_ms_p50"] > 0 and student["peak_rss_mb"] > 0
+    assert card["task"]["n_test"] == 60 and card["task"]["num_labels"] == 3
+    comparison = card["summary"]["comparisons"][0]
+    assert comparison["retained"] == pytest.approx(student["accuracy"] / teacher["accuracy"])
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "student" in html
+    assert (out / "student" / "model.safetensors").exists() and (out / "teacher" / "config.json").exists()
+
+
+def test_recipe_file_sets_defaults_and_flags_win(tmp_path, topic_data_dir, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"layers": 0, "data": str(topic_data_dir)}))
+    assert main(["distill", "--recipe", str(recipe), "--teacher", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    recipe.write_text(json.dumps({"no_such_setting": 1}))
+    assert main(["distill", "--recipe", str(recipe)]) == 2
+    assert "unknown setting(s) no_such_setting" in capsys.readouterr().err
+
+
+def test_bad_data_path_is_one_line_error(tmp_path, capsys):
+    assert main(["distill", "--data", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope.jsonl" in err and "Traceback" not in err

@@ -16,7 +16,7 @@ import torch
 
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path
-from smallmighty.models.bert_encoder import BertClassifier, load_bert_classifier
+from smallmighty.models.bert_encoder import load_classifier_forward
 
 #: Opset 17 has LayerNormalization as one op; ORT runs it fused.
 DEFAULT_OPSET = 17
@@ -43,7 +43,7 @@ def ort_session(onnx_path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
-def _probe_inputs(model: BertClassifier) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _probe_inputs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random token batches of several sizes and lengths, with ragged padding, for checking an export."""
     gen = torch.Generator().manual_seed(0)
     longest = min(model.shape.max_positions, 64)
@@ -59,7 +59,7 @@ def _probe_inputs(model: BertClassifier) -> list[tuple[torch.Tensor, torch.Tenso
     return batches
 
 
-def max_logit_diff(model: BertClassifier, onnx_path: str | Path, *, threads: int | None = None) -> float:
+def max_logit_diff(model: torch.nn.Module, onnx_path: str | Path, *, threads: int | None = None) -> float:
     """Largest |ORT - torch| over all logits of the probe batches."""
     session = ort_session(onnx_path, threads)
     worst = 0.0
@@ -80,7 +80,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None, *,
     Raises `SlmError` with the difference if ONNX Runtime disagrees with torch by more than
     `EXPORT_TOLERANCE`.
     """
-    model = load_bert_classifier(model_dir)
+    model = load_classifier_forward(model_dir)
     out = Path(out_path) if out_path is not None else Path(model_dir) / "model.onnx"
     ids, mask = _probe_inputs(model)[1]
     with atomic_path(out) as tmp, warnings.catch_warnings():

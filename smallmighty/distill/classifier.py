@@ -174,7 +174,7 @@ def _freeze_unused(objective: DistillObjective, weights: DistillWeights) -> None
     projections are only needed while hidden states are matched."""
     predicting = weights.kd > 0 or weights.ce > 0
     for name, p in objective.student.named_parameters():
-        p.requires_grad = predicting or not name.startswith(("classifier", "bert.pooler"))
+        p.requires_grad = predicting or not name.startswith(("classifier", "bert.pooler", "head."))
     for p in objective.projection.parameters():
         p.requires_grad = weights.hidden > 0
 

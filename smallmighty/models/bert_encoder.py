@@ -188,3 +188,41 @@ def load_bert_classifier(model_dir: str | Path) -> BertClassifier:
         return from_hf_state_dict(config, load_file(weights_path))
     except SlmError as err:
         raise SlmError(f"{model_dir}: {err}") from None
+
+
+class HFClassifierForward(nn.Module):
+    """Any other Hugging Face sequence classifier as `(input_ids, attention_mask) -> logits`.
+
+    Used for architectures without a hand-written forward (e.g. ModernBERT, whose mean pooling
+    suits small students); its ONNX export is verified against torch like every other.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.eval()
+        cfg = model.config
+        self.shape = BertShape(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                               num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                               intermediate_size=cfg.intermediate_size, max_positions=cfg.max_position_embeddings,
+                               layer_norm_eps=getattr(cfg, "norm_eps", 0.0),
+                               hidden_act=getattr(cfg, "hidden_activation", "gelu"), num_labels=cfg.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def load_classifier_forward(model_dir: str | Path) -> nn.Module:
+    """The fastest plain forward for a saved classifier: ours for BERT, transformers' otherwise."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type") if config_path.is_file() else None
+    if model_type in (None, "bert"):
+        return load_bert_classifier(model_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
+                                                                   trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise SlmError(f"{model_dir}: cannot load the classifier ({err})") from None
+    return HFClassifierForward(model)

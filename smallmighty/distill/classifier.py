@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallmighty.data.classification import LabelledTexts
+from smallmighty.distill.augment import augment_texts
 from smallmighty.distill.layer_map import parse_layer_map
 from smallmighty.distill.losses import (DistillWeights, HiddenProjection, attention_map_loss,
                                         hidden_state_mse, soft_logit_kd_topk)
@@ -30,6 +31,10 @@ from smallmighty.models.encoder import (StudentShape, build_student, count_param
 from smallmighty.train.batching import Collator, encode_texts, make_examples
 from smallmighty.train.finetune import checkpoint_dir_for
 from smallmighty.train.loop import TrainConfig, is_main_process, train
+
+
+#: Label of an augmented example: the cross-entropy term skips it.
+NO_LABEL = -100
 
 
 @dataclass
@@ -44,12 +49,15 @@ class DistillConfig:
     intermediate_lr: float | None = None
     top_k: int = 16
     max_length: int = 64
+    augment: int = 0  # perturbed copies of each training text, labelled by the teacher only
 
     def validate(self) -> None:
         self.weights.validate()
         self.train.validate()
         if self.top_k < 1:
             raise SlmError(f"top_k must be at least 1, got {self.top_k}")
+        if self.augment < 0:
+            raise SlmError(f"augment must be >= 0, got {self.augment}")
         if self.intermediate_epochs < 0:
             raise SlmError(f"intermediate_epochs must be >= 0, got {self.intermediate_epochs}")
         if self.max_length < 8:
@@ -79,7 +87,9 @@ class DistillObjective(nn.Module):
             parts["kd"] = soft_logit_kd_topk(out.logits, teacher["topk_values"], teacher["topk_indices"],
                                              w.temperature)
         if w.ce:
-            parts["ce"] = F.cross_entropy(out.logits, batch["labels"])
+            labelled = batch["labels"] >= 0  # augmented copies carry only the teacher's soft targets
+            parts["ce"] = (F.cross_entropy(out.logits[labelled], batch["labels"][labelled]) if labelled.any()
+                           else out.logits.sum() * 0.0)
         if w.hidden:
             parts["hidden"] = sum(
                 hidden_state_mse(out.hidden_states[s], teacher["hidden"][t], mask, self.projection.layers[i])
@@ -126,8 +136,15 @@ def distill_classifier(teacher_dir: str, train_data: LabelledTexts, out_dir: str
     if uses_attention:
         _use_eager_attention(teacher)
         _use_eager_attention(student)
-    teacher_ids = encode_texts(tokenizer, train_data.texts, config.max_length)
-    student_ids = encode_texts(student_tokenizer, train_data.texts, config.max_length)
+    texts, labels = list(train_data.texts), list(train_data.labels)
+    if config.augment:
+        extra = augment_texts(train_data.texts, config.augment, mask_token=tokenizer.mask_token,
+                              seed=config.train.seed)
+        texts += [text for _, text in extra]
+        labels += [NO_LABEL] * len(extra)
+        print(f"augmentation: {len(extra)} perturbed copies of {len(train_data)} training texts")
+    teacher_ids = encode_texts(tokenizer, texts, config.max_length)
+    student_ids = encode_texts(student_tokenizer, texts, config.max_length)
     mismatched = next((i for i, (a, b) in enumerate(zip(teacher_ids, student_ids)) if len(a) != len(b)), None)
     if (uses_hidden or uses_attention) and mismatched is not None:
         raise SlmError(f"training example {mismatched + 1} tokenizes to a different length for teacher and "
@@ -142,7 +159,7 @@ def distill_classifier(teacher_dir: str, train_data: LabelledTexts, out_dir: str
     cache = build_teacher_cache(teacher, teacher_ids, tokenizer.pad_token_id, spec, work / "teacher_cache.safetensors",
                                 teacher_id=str(Path(teacher_dir).resolve()))
     del teacher  # the cache is all the student needs from here on
-    examples = make_examples(student_ids, train_data.labels)
+    examples = make_examples(student_ids, labels)
     collate = Collator(student_tokenizer.pad_token_id)
     objective = DistillObjective(student, cache, config.weights, layer_map, tcfg.hidden_size)
     stages = []

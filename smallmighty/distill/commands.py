@@ -8,7 +8,7 @@ from smallmighty.data.arguments import add_data_arguments, load_data_from_args
 from smallmighty.train.arguments import add_train_arguments, apply_recipe, train_config_from_args
 
 EXAMPLES = """examples:
-  slm distill                                   # MiniLM-L6 -> 4-layer student on BBC News, report in runs/distill
+  slm distill                                   # MiniLM-L6 -> 2-layer student on BBC News, report in runs/distill
   slm distill --data ../shared/datasets/banking77 --teacher runs/banking77-teacher --layers 2 --hidden 256
   slm distill --intermediate-epochs 3 --alpha-hidden 1 --alpha-attention 1   # TinyBERT-style two stages
   slm distill --recipe recipes/banking77.json --resume                       # continue a killed run
@@ -33,11 +33,14 @@ def register(subparsers) -> None:
                      help="epochs when the teacher must be fine-tuned first (default: 3)")
     sub.add_argument("--teacher-lr", type=float, default=1e-4, help="learning rate for that (default: 1e-4)")
     student = sub.add_argument_group("student shape")
-    student.add_argument("--layers", type=int, default=4, help="transformer layers (default: 4)")
+    student.add_argument("--layers", type=int, default=2, help="transformer layers (default: 2)")
     student.add_argument("--hidden", type=int, default=256, help="hidden width; the teacher's keeps its layers "
                          "(default: 256)")
     student.add_argument("--heads", type=int, default=None, help="attention heads (default: hidden / 64)")
     student.add_argument("--ffn", type=int, default=None, help="feed-forward width (default: 4 x hidden)")
+    student.add_argument("--pooling", default="cls", choices=["cls", "mean"],
+                         help="cls: a BERT student read out at [CLS]; mean: a ModernBERT student with mean pooling "
+                              "(default: cls)")
     student.add_argument("--no-trim-vocab", dest="trim_vocab", action="store_false",
                          help="keep the teacher's whole vocabulary (default: trim to the pieces the training data "
                               "uses, plus ASCII characters)")
@@ -51,6 +54,9 @@ def register(subparsers) -> None:
                     help="student:teacher layer pairs such as '1:2,2:4,3:6', or 'uniform' (default)")
     kd.add_argument("--intermediate-epochs", type=int, default=0,
                     help="epochs of a first stage on hidden states and attention maps only (TinyBERT; default: 0)")
+    kd.add_argument("--augment", type=int, default=0,
+                    help="perturbed copies of each training text for the teacher to label (masked and swapped "
+                         "words, n-grams); more data for the student at the cost of teacher time (default: 0)")
     kd.add_argument("--top-k", type=int, default=16, help="teacher logits kept in the cache per example (default: 16)")
     evaluation = sub.add_argument_group("evaluation")
     evaluation.add_argument("--runtime", default="onnx", choices=["torch", "onnx", "onnx-int8"],
@@ -75,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
           f"({train_data.source})")
     config = DistillConfig(
         shape=StudentShape(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
-                           trim_vocab=args.trim_vocab),
+                           trim_vocab=args.trim_vocab, pooling=args.pooling),
         weights=DistillWeights(kd=args.alpha_kd, ce=args.alpha_ce, hidden=args.alpha_hidden,
                                attention=args.alpha_attention, temperature=args.temperature),
         train=train_config_from_args(args), layer_map=args.layer_map,
-        intermediate_epochs=args.intermediate_epochs, top_k=args.top_k, max_length=args.max_length)
+        intermediate_epochs=args.intermediate_epochs, top_k=args.top_k, max_length=args.max_length,
+        augment=args.augment)
     teacher_train = train_config_from_args(args)
     teacher_train.epochs, teacher_train.lr = args.teacher_epochs, args.teacher_lr
     run_pipeline(args.teacher or default_teacher_encoder(), train_data, test_data, args.out, distill=config,

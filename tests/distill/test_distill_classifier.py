@@ -34,17 +34,19 @@ def _accuracy(model_dir, test) -> float:
     return (pred == torch.tensor(test.labels)).float().mean().item()
 
 
-@pytest.mark.parametrize("two_stage", [False, True])
-def test_student_learns_from_teacher(task, tmp_path, two_stage):
+@pytest.mark.parametrize("two_stage,augment,pooling", [(False, 0, "cls"), (True, 0, "cls"), (False, 2, "mean")])
+def test_student_learns_from_teacher(task, tmp_path, two_stage, augment, pooling):
     train, test, teacher = task
     config = DistillConfig(
-        shape=StudentShape(layers=1, hidden=32, heads=2, ffn=64),
+        shape=StudentShape(layers=1, hidden=32, heads=2, ffn=64, pooling=pooling),
         weights=DistillWeights(kd=0.8, ce=0.2, hidden=1.0 if two_stage else 0.0,
                                attention=1.0 if two_stage else 0.0),
         train=TrainConfig(epochs=6, batch_size=16, lr=3e-3, warmup_ratio=0.0),
-        intermediate_epochs=2 if two_stage else 0, max_length=16, layer_map="1:2")
+        intermediate_epochs=2 if two_stage else 0, max_length=16, layer_map="1:2", augment=augment)
     info = distill_classifier(str(teacher), train, tmp_path / "student", config)
     assert info["stages"] == (["intermediate", "prediction"] if two_stage else ["prediction"])
+    assert info["architecture"] == ("ModernBertForSequenceClassification" if pooling == "mean"
+                                    else "BertForSequenceClassification")
     assert info["params"] < info["teacher_params"] / 8
     meta = json.loads((tmp_path / "student" / "smallmighty.json").read_text())
     assert meta["recipe"] == "distill" and meta["max_length"] == 16

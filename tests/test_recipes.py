@@ -1,0 +1,17 @@
+"""Every shipped recipe names only settings that `slm distill` knows."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smallmighty.cli import build_parser
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_keys_are_distill_settings(recipe):
+    args = build_parser().parse_args(["distill"])
+    unknown = set(json.loads(recipe.read_text())) - set(vars(args))
+    assert not unknown, f"{recipe.name}: unknown settings {unknown}"

@@ -47,3 +47,18 @@ def test_bad_data_path_is_one_line_error(tmp_path, capsys):
     assert main(["distill", "--data", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nope.jsonl" in err and "Traceback" not in err
+
+
+def test_eval_command_rebuilds_the_card_on_another_runtime(tiny_encoder_dir, topic_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", str(tiny_encoder_dir), "--data", str(topic_data_dir), "--out", str(out),
+                 "--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64", "--epochs", "2",
+                 "--teacher-epochs", "1", "--max-length", "16", "--no-baseline", "--runtime", "torch"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--teacher", str(out / "teacher"), "--model", str(out / "student"), "--data",
+                 str(topic_data_dir), "--out", str(tmp_path / "eval"), "--runtime", "onnx-int8", "--no-baseline"]) == 0
+    card = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert [(m["name"], m["role"], m["runtime"]) for m in card["models"]] == [
+        ("teacher", "teacher", "onnx-int8"), ("student", "student", "onnx-int8")]
+    assert (out / "student" / "model.int8.onnx").exists()
+    assert "report:" in capsys.readouterr().out

@@ -26,11 +26,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_data_from_args(args: argparse.Namespace):
-    """The (train, test) `LabelledTexts` the flags describe."""
+    """The (train, test) `LabelledTexts` the flags describe, announced on stdout."""
     from smallmighty.data.classification import load_labelled_splits
     from smallmighty.defaults import SEED, default_classification_data
 
-    return load_labelled_splits(
+    train, test = load_labelled_splits(
         args.data or default_classification_data(), train_split=args.train_split, test_split=args.test_split,
         text_field=args.text_field, label_field=args.label_field, test_fraction=args.test_fraction,
         seed=getattr(args, "seed", SEED), max_train=args.max_train, max_test=args.max_test)
+    print(f"data: {len(train)} train / {len(test)} test examples, {len(train.label_names)} labels ({train.source})")
+    return train, test

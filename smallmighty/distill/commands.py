@@ -77,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
 
     apply_recipe(args, args.subparser)
     train_data, test_data = load_data_from_args(args)
-    print(f"data: {len(train_data)} train / {len(test_data)} test examples, {len(train_data.label_names)} labels "
-          f"({train_data.source})")
     config = DistillConfig(
         shape=StudentShape(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
                            trim_vocab=args.trim_vocab, pooling=args.pooling),

@@ -34,8 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
     apply_recipe(args, args.subparser)
     train_data, test_data = load_data_from_args(args)
-    print(f"data: {len(train_data)} train / {len(test_data)} test examples, {len(train_data.label_names)} labels "
-          f"({train_data.source})")
     out = finetune_classifier(args.model or default_teacher_encoder(), train_data, args.out,
                               config=train_config_from_args(args), max_length=args.max_length, resume=args.resume)
     print(f"saved fine-tuned classifier to {out}")

@@ -12,6 +12,7 @@ layer students, fp32 or int8, so it is not applied.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -114,5 +115,11 @@ def quantize_onnx_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
     if not onnx_path.is_file():
         raise SlmError(f"ONNX model not found: {onnx_path}")
     with atomic_path(out) as tmp:
-        quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=True)
+        # quantize_dynamic logs advice to run its pre-processing first; that measured no change in
+        # outputs or speed for these graphs, so the advice is muted rather than shown to users.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            logging.disable(logging.NOTSET)
     return out

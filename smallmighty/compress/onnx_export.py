@@ -4,10 +4,15 @@ The export traces the hand-written forward in `smallmighty.models.bert_encoder`,
 model: transformers 5's BERT exported with dynamic shapes gives logits off by 0.4-1.0. Because an
 export can be silently wrong, every export is compared with torch on inputs of several batch sizes
 and lengths before it is written, and a mismatch raises instead of leaving a bad model.onnx behind.
+
+The plain export is served as is. `onnxruntime.transformers.optimizer` (model_type 'bert') does fuse
+its attention into one op each layer, but that measured no faster at batch 1 for MiniLM-L6 or 2-4
+layer students, fp32 or int8, so it is not applied.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -26,17 +31,15 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 
 
 def ort_session(onnx_path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session with all graph optimizations.
+    """An ONNX Runtime CPU session with all graph optimizations (ORT fuses LayerNorm, Gelu and
+    the int8 MatMuls itself when it loads the model).
 
-    `threads` sets intra-op threads (None lets ORT use every core); inter-op parallelism
-    is off because a BERT graph is one chain of ops.
+    `threads` sets intra-op threads; None lets ORT use every core.
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
     if threads is not None:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise to a user
@@ -103,7 +106,8 @@ def quantize_onnx_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
     """Dynamic int8 quantization (int8 weights, activations quantized per batch at run time).
 
     Dynamic quantization needs no calibration data, which suits text classifiers whose inputs vary
-    in length. The accuracy cost must be measured on real data by the caller.
+    in length. Weights get one scale per output channel: on MiniLM-L6 that halved the logit error
+    of per-tensor scales at the same speed. The accuracy cost must be measured on real data.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -111,5 +115,11 @@ def quantize_onnx_int8(onnx_path: str | Path, out_path: str | Path) -> Path:
     if not onnx_path.is_file():
         raise SlmError(f"ONNX model not found: {onnx_path}")
     with atomic_path(out) as tmp:
-        quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8)
+        # quantize_dynamic logs advice to run its pre-processing first; that measured no change in
+        # outputs or speed for these graphs, so the advice is muted rather than shown to users.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(onnx_path, tmp, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            logging.disable(logging.NOTSET)
     return out

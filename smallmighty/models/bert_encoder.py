@@ -70,7 +70,11 @@ class BertShape:
 
 
 class EncoderLayer(nn.Module):
-    """Post-LayerNorm transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+    """Post-LayerNorm transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
+
+    Attention is written out (matmul, softmax, matmul) rather than F.scaled_dot_product_attention:
+    both export correctly, but SDPA's ONNX graph is ~10% more nodes and measured no faster in ORT.
+    """
 
     def __init__(self, s: BertShape) -> None:
         super().__init__()
@@ -87,8 +91,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: [batch, seq, hidden]; mask: additive [batch, 1, 1, seq], 0 for tokens, very negative for padding."""
-        # Separate Q/K/V matmuls with K transposed by one permute: the graph shape ONNX Runtime's
-        # transformer optimizer recognises and fuses into a single Attention op.
+        # Separate Q/K/V projections, as in HF's weights: one stacked QKV matmul measured no faster.
         b, t, c = x.shape
         h, d = self.num_heads, c // self.num_heads
         q = self.query(x).view(b, t, h, d).permute(0, 2, 1, 3)  # [batch, heads, seq, head_dim]

@@ -68,6 +68,18 @@ def test_every_runtime_predicts_like_transformers(classifier_dir, runtime):
     assert clf.predict(TEXTS) == [LABELS[i] for i in logits.argmax(1)]
 
 
+def test_torch_runtime_runs_one_text_on_one_thread_then_restores_the_count(classifier_dir, monkeypatch):
+    clf = load_classifier(str(classifier_dir[0]), "torch")
+    before, calls = torch.get_num_threads(), []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real_set(n)))
+    clf.predict(TEXTS[:1])
+    assert calls == [1, before] and torch.get_num_threads() == before
+    calls.clear()
+    clf.predict(TEXTS[:2])
+    assert calls == [before]
+
+
 def test_padding_to_a_longer_neighbour_does_not_change_logits(classifier_dir):
     clf = load_classifier(str(classifier_dir[0]), "onnx")
     alone = clf.predict_logits(TEXTS[:1])
@@ -119,6 +131,20 @@ def test_bad_runtime_and_bad_folders_are_clear_errors(tiny_encoder_dir, classifi
     (no_tokenizer / "config.json").write_text("{not json")
     with pytest.raises(SlmError, match="config.json: not valid JSON"):
         load_classifier(str(no_tokenizer))
+
+
+def test_read_only_folder_is_a_clear_error(classifier_dir, tmp_path, monkeypatch):
+    from smallmighty.compress import onnx_export
+
+    copy = tmp_path / "copy"
+    shutil.copytree(classifier_dir[0], copy, ignore=shutil.ignore_patterns("*.onnx"))
+
+    def refuse(*args, **kwargs):  # what a read-only folder does to the export (root ignores chmod)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", refuse)
+    with pytest.raises(SlmError, match=f"cannot write the ONNX model into {copy}"):
+        load_classifier(str(copy), "onnx")
 
 
 @pytest.mark.slow

@@ -113,7 +113,8 @@ def bench_hf(model_dir: Path, args: argparse.Namespace, results: dict[str, float
 
 
 def bench_ours(model_dir: Path, ids: list[int], args: argparse.Namespace, results: dict[str, float]) -> None:
-    from smallmighty.serve.engine import Engine, GenerationSettings
+    from smallmighty.serve.engine import Engine
+    from smallmighty.serve.sampling import GenerationSettings
 
     n = args.new_tokens
     settings = GenerationSettings(max_new_tokens=n, temperature=0.0)
@@ -172,8 +173,10 @@ def llama_cpp_ggufs(model_dir: Path, source: Path, cache: Path) -> dict[str, Pat
         if not target.is_file():
             log(f"converting {model_dir.name} to {outtype} GGUF with llama.cpp's converter")
             with atomic_path(target) as tmp:
-                subprocess.run([sys.executable, str(converter), str(model_dir), "--outtype", outtype,
-                                "--outfile", str(tmp)], check=True, stdout=subprocess.DEVNULL)
+                done = subprocess.run([sys.executable, str(converter), str(model_dir), "--outtype", outtype,
+                                       "--outfile", str(tmp)], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"llama.cpp's converter failed:\n{done.stderr[-3000:]}")
         files[outtype] = target
     return files
 

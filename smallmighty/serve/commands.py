@@ -93,7 +93,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from smallmighty.serve.engine import GenerationSettings
+    from smallmighty.serve.sampling import GenerationSettings
 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -170,7 +170,7 @@ def engine(tiny_dir: Path):
 
 
 def settings(**overrides: object):
-    from smallmighty.serve.engine import GenerationSettings
+    from smallmighty.serve.sampling import GenerationSettings
 
     return GenerationSettings(**{"max_new_tokens": 12, **overrides})
 

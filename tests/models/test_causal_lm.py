@@ -289,10 +289,17 @@ def test_default_cache_dir_honours_slm_cache_dir(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.slow
-def test_default_model_converts_and_loads() -> None:
-    """The real default (SmolLM2-135M-Instruct Q4_1) through the real cache, then transformers."""
-    model, tokenizer = load_hf_causal_lm()
-    assert model.config.num_hidden_layers == 30
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                           add_generation_prompt=True)
+def test_default_model_converts_and_predicts(tmp_path: Path) -> None:
+    """The real default (SmolLM2-135M-Instruct Q4_1), converted afresh, then run by transformers."""
+    import torch
+
+    directory = resolve_causal_lm(None, cache_dir=tmp_path)
+    model, tokenizer = load_hf_causal_lm(directory)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(prompt + "The capital of France is", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_id = model(ids).logits[0, -1].argmax().item()
+    assert tokenizer.decode([next_id]).strip() == "Paris"

@@ -21,13 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smallmighty.defaults import default_causal_lm_gguf
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path
 
 #: Files a folder must hold for the engine to read it, with what each is for (used in error messages).
 _REQUIRED_FILES = {"config.json": "the model config", "tokenizer.json": "the tokenizer"}
-#: What we fetch from the hub: configs, the tokenizer and safetensors weights, never pickled .bin/.pt.
-_HUB_PATTERNS = ["*.json", "*.jinja", "*.safetensors"]
+#: What we fetch from the hub: configs, the tokenizer and transformers-layout safetensors weights
+#: (not other layouts such as `consolidated.safetensors`, and never pickled .bin/.pt files).
+_HUB_PATTERNS = ["*.json", "*.jinja", "model*.safetensors"]
 #: "org/name" on the hub: word characters, dots and dashes, exactly one slash.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: Written into each converted folder so a reader can tell where it came from.
@@ -43,8 +45,6 @@ def resolve_causal_lm(name_or_path: str | os.PathLike | None = None, *,
     `~/.cache/smallmighty/models`. Raises `SlmError` for anything that cannot become a model.
     """
     if name_or_path is None:
-        from smallmighty.defaults import default_causal_lm_gguf
-
         name_or_path = default_causal_lm_gguf()
     path = Path(name_or_path).expanduser()
     if path.is_dir():

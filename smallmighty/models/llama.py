@@ -1,0 +1,386 @@
+"""A Llama-family decoder written for fast CPU inference, without importing transformers.
+
+Covers Llama 1-3, SmolLM, Mistral (no sliding window beyond the context) and Qwen2 (q/k/v bias): they
+share one architecture (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP) and differ
+only in config fields. The layout is chosen for speed on a CPU, where decode time is mostly reading
+weights plus the fixed cost of each operator call:
+
+* q, k and v are one matrix and gate/up another, so each layer runs 4 matmuls instead of 7;
+* the q and k rows are permuted within each head so that rotary embedding becomes one complex
+  multiply done in place (dot products between q and k are unchanged by the shared permutation);
+* keys and values live in one pre-allocated cache per layer and are written with a single copy.
+
+Weights load from HF-format safetensors (`model.safetensors` or an index of shards) and are renamed
+into that layout by `hf_to_state`; `model_from_state` builds the module from such a state dict,
+float32 or quantized (see `smallmighty.compress.quantize`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smallmighty.errors import DataError, SlmError
+
+#: model_type values this module runs; each maps to whether q/k/v projections carry a bias.
+SUPPORTED_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The config.json fields the decoder needs, checked once at load time."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LlamaConfig":
+        """Read and validate an HF `config.json`."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SlmError(f"{path}: missing; a model folder needs config.json") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"not valid JSON ({err.msg})", file=str(path), line=err.lineno) from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config.json") -> "LlamaConfig":
+        """Build from a config dict as transformers 4 or 5 writes it (`rope_scaling` or `rope_parameters`)."""
+        model_type = data.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise DataError(f"model type {model_type!r} is not supported; this engine runs "
+                            f"{sorted(SUPPORTED_MODEL_TYPES)}", file=source, field="model_type")
+        if data.get("hidden_act", "silu") != "silu":
+            raise DataError(f"activation {data['hidden_act']!r} is not supported (only silu)",
+                            file=source, field="hidden_act")
+
+        def need_int(name: str, default: int | None = None) -> int:
+            value = data.get(name, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise DataError(f"must be a positive integer, got {value!r}", file=source, field=name)
+            return value
+
+        hidden, heads = need_int("hidden_size"), need_int("num_attention_heads")
+        kv_heads = need_int("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise DataError(f"{heads} attention heads do not split into {kv_heads} groups",
+                            file=source, field="num_key_value_heads")
+        head_dim = data.get("head_dim") or hidden // heads
+        if head_dim % 2:
+            raise DataError(f"rotary embedding needs an even head size, got {head_dim}",
+                            file=source, field="head_dim")
+        rope = dict(data.get("rope_parameters") or {})
+        rope.update(data.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        sliding = data.get("sliding_window") if data.get("use_sliding_window", True) else None
+        return cls(
+            vocab_size=need_int("vocab_size"), hidden_size=hidden,
+            intermediate_size=need_int("intermediate_size"),
+            num_hidden_layers=need_int("num_hidden_layers"), num_attention_heads=heads,
+            num_key_value_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=need_int("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            attention_bias=bool(data.get("attention_bias", SUPPORTED_MODEL_TYPES[model_type])),
+            mlp_bias=bool(data.get("mlp_bias", False)),
+            sliding_window=sliding if isinstance(sliding, int) else None,
+        )
+
+    @property
+    def context_limit(self) -> int:
+        """Longest sequence the model handles exactly: its trained positions, or its attention window."""
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Per-pair rotation speeds, computed in float32 exactly as transformers does so outputs match."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "dynamic":
+        # Dynamic NTK only changes frequencies past the trained length, which we never exceed.
+        return inv_freq
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise SlmError(f"rope scaling {kind!r} is not supported (default, linear, dynamic, llama3 are)")
+
+
+def rope_table(config: LlamaConfig, length: int) -> torch.Tensor:
+    """Complex rotations e^(i * pos * freq) for positions [0, length): shape [length, head_dim // 2]."""
+    inv_freq = rope_inverse_frequencies(config)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def causal_mask(start: int, length: int) -> torch.Tensor:
+    """[1, 1, length, start + length] boolean mask: query i (at slot start + i) sees slots <= start + i."""
+    slots = torch.arange(start + length)
+    return (slots[None, :] <= start + torch.arange(length)[:, None])[None, None]
+
+
+def _pair_rotary_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder each head's rows from HF's [x0..x(d/2-1), y0..] halves to interleaved (x0, y0, x1, y1...)."""
+    shape = weight.shape
+    w = weight.reshape(heads, 2, head_dim // 2, *shape[1:])
+    return w.transpose(1, 2).reshape(shape)
+
+
+class DenseLinear(nn.Module):
+    """A float32 Linear layer that stores its weight transposed, [in, out].
+
+    Why: for one token at a time (a matrix-vector product) BLAS streams a [in, out] weight about
+    twice as fast as nn.Linear's [out, in] on the CPUs we measured, and decode time is that stream.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_t = nn.Parameter(weight.float().t().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the [out, in] weight (the embedding lookup when embeddings are tied)."""
+        return self.weight_t.index_select(1, rows.flatten()).t().reshape(*rows.shape, self.in_features)
+
+
+class DecoderLayer(nn.Module):
+    """One transformer block: attention with a KV cache, then a SwiGLU MLP, each with a residual."""
+
+    def __init__(self, config: LlamaConfig, qkv: nn.Module, o: nn.Module, gate_up: nn.Module,
+                 down: nn.Module, attn_norm: torch.Tensor, mlp_norm: torch.Tensor) -> None:
+        super().__init__()
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.attn_norm = nn.Parameter(attn_norm, requires_grad=False)
+        self.mlp_norm = nn.Parameter(mlp_norm, requires_grad=False)
+        self.eps = config.rms_norm_eps
+        self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads,
+                                                    config.num_key_value_heads, config.head_dim)
+        self.inter = config.intermediate_size
+
+    def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, start: int, rope: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Update the residual stream `h` [B, T, hidden] in place and return it.
+
+        `kv_cache` is this layer's [B, 2 * kv_heads, S, head_dim] buffer; positions [start, start + T)
+        are written. `rope` is [B or 1, T, 1, head_dim // 2] complex; `mask` is a boolean
+        [B, 1, T, start + T] (True = may attend) or None for plain causal attention.
+        """
+        b, t, _ = h.shape
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        x = F.rms_norm(h, (h.shape[-1],), self.attn_norm, self.eps)
+        qkv = self.qkv(x)
+        qk = torch.view_as_complex(qkv[..., : (hq + hk) * d].unflatten(-1, (hq + hk, d // 2, 2)))
+        qk.mul_(rope)
+        kv_cache[:, :, start:start + t] = qkv[..., hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
+        q = qkv[..., : hq * d].view(b, t, hq, d).transpose(1, 2)
+        keys = kv_cache[:, :hk, : start + t]
+        values = kv_cache[:, hk:, : start + t]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              is_causal=mask is None and t > 1,
+                                              enable_gqa=hq != hk)
+        h += self.o(attn.transpose(1, 2).reshape(b, t, hq * d))
+        x = F.rms_norm(h, (h.shape[-1],), self.mlp_norm, self.eps)
+        gate_up = self.gate_up(x)
+        act = F.silu(gate_up[..., : self.inter]).mul_(gate_up[..., self.inter:])
+        h += self.down(act)
+        return h
+
+
+class LlamaModel(nn.Module):
+    """The whole decoder: token embedding, layers, final norm and the vocabulary projection."""
+
+    def __init__(self, config: LlamaConfig, embed: torch.Tensor | None, layers: list[DecoderLayer],
+                 norm: torch.Tensor, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        # With tied embeddings the lookup table is the lm_head weight itself (possibly quantized),
+        # so no second copy is kept.
+        self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.Parameter(norm, requires_grad=False)
+        self.lm_head = lm_head
+        self._rope = torch.empty(0, config.head_dim // 2, dtype=torch.complex64)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding table for `ids`, as fresh float32 (the residual stream is updated in place)."""
+        if self.embed is not None:
+            return self.embed[ids]
+        return self.lm_head.dequantize_rows(ids)
+
+    def rope(self, length: int) -> torch.Tensor:
+        """The rotation table covering positions [0, length), grown on demand and kept."""
+        if self._rope.shape[0] < length:
+            self._rope = rope_table(self.config, max(length, 2 * self._rope.shape[0]))
+        return self._rope
+
+    def new_cache(self, batch: int, length: int) -> list[torch.Tensor]:
+        """Per-layer key/value buffers for `batch` sequences of up to `length` positions."""
+        c = self.config
+        return [torch.empty(batch, 2 * c.num_key_value_heads, length, c.head_dim)
+                for _ in range(c.num_hidden_layers)]
+
+    def forward(self, ids: torch.Tensor, cache: list[torch.Tensor], start: int, rope: torch.Tensor,
+                mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+        """Logits for tokens `ids` [B, T] at cache slots [start, start + T).
+
+        Returns [B, V] logits of the last position when `last_only`, else [B, T, V].
+        """
+        if mask is None and ids.shape[1] > 1 and start > 0:
+            mask = causal_mask(start, ids.shape[1])
+        h = self.embed_tokens(ids)
+        for layer, kv in zip(self.layers, cache):
+            h = layer(h, kv, start, rope, mask)
+        if last_only:
+            h = h[:, -1]
+        return self.lm_head(F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps))
+
+
+def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint folder, from `model.safetensors` or its sharded index."""
+    from safetensors.torch import load_file
+
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError("not a safetensors index (needs a 'weight_map' object)",
+                            file=str(index), field="weight_map") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise SlmError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                       "(only safetensors weights are loaded)")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise SlmError(f"{file}: shard listed in the index is missing")
+        weights.update(load_file(str(file)))
+    return weights
+
+
+def linear_names(config: LlamaConfig) -> list[str]:
+    """Names of every Linear layer in the engine layout (the ones quantization applies to)."""
+    per_layer = ("qkv", "o", "gate_up", "down")
+    return [f"layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in per_layer] + ["lm_head"]
+
+
+def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename and fuse HF parameters (`model.layers.0.self_attn.q_proj.weight`...) into the engine layout.
+
+    Output names: `layers.{i}.{qkv,o,gate_up,down}.{weight,bias}`, `layers.{i}.{attn,mlp}_norm`,
+    `norm`, `lm_head.weight`, and `embed` only when embeddings are not tied. Consumes `weights`.
+    """
+    c = config
+
+    def take(name: str) -> torch.Tensor:
+        for key in (name, name.removeprefix("model.")):
+            if key in weights:
+                return weights.pop(key).float()
+        raise SlmError(f"checkpoint lacks weight '{name}'")
+
+    def has(name: str) -> bool:
+        return name in weights or name.removeprefix("model.") in weights
+
+    def rotary(name: str, heads: int) -> torch.Tensor:
+        return _pair_rotary_rows(take(name), heads, c.head_dim)
+
+    state: dict[str, torch.Tensor] = {}
+    for i in range(c.num_hidden_layers):
+        p, s = f"model.layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias") if c.attention_bias else ("weight",):
+            state[s + f"qkv.{kind}"] = torch.cat([
+                rotary(p + f"self_attn.q_proj.{kind}", c.num_attention_heads),
+                rotary(p + f"self_attn.k_proj.{kind}", c.num_key_value_heads),
+                take(p + f"self_attn.v_proj.{kind}")])
+        for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+            state[s + f"gate_up.{kind}"] = torch.cat([take(p + f"mlp.gate_proj.{kind}"),
+                                                      take(p + f"mlp.up_proj.{kind}")])
+            state[s + f"down.{kind}"] = take(p + f"mlp.down_proj.{kind}")
+        state[s + "o.weight"] = take(p + "self_attn.o_proj.weight")
+        if has(p + "self_attn.o_proj.bias"):
+            state[s + "o.bias"] = take(p + "self_attn.o_proj.bias")
+        state[s + "attn_norm"] = take(p + "input_layernorm.weight")
+        state[s + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
+    embed = take("model.embed_tokens.weight")
+    if embed.shape != (c.vocab_size, c.hidden_size):
+        raise SlmError(f"embedding is {tuple(embed.shape)}, config says ({c.vocab_size}, {c.hidden_size})")
+    if c.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+        state["lm_head.weight"] = embed
+    else:
+        state["lm_head.weight"], state["embed"] = take("lm_head.weight"), embed
+    state["norm"] = take("model.norm.weight")
+    leftover = [k for k in weights if "rotary_emb" not in k]
+    if leftover:
+        raise SlmError(f"checkpoint has weights this Llama model does not use: {leftover[:5]}")
+    return state
+
+
+def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> LlamaModel:
+    """Assemble a `LlamaModel` from an engine-layout state dict, float32 or quantized."""
+    from smallmighty.compress.quantize import quantized_linear_from_state
+
+    def linear_from_state(state: dict[str, torch.Tensor], name: str) -> nn.Module:
+        if f"{name}.weight" in state:
+            return DenseLinear(state[f"{name}.weight"], state.get(f"{name}.bias"))
+        return quantized_linear_from_state(state, name)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in state:
+            raise SlmError(f"weights for '{name}' are missing")
+        return state[name].float()
+
+    layers = [DecoderLayer(config, *(linear_from_state(state, f"layers.{i}.{n}")
+                                     for n in ("qkv", "o", "gate_up", "down")),
+                           attn_norm=get(f"layers.{i}.attn_norm"), mlp_norm=get(f"layers.{i}.mlp_norm"))
+              for i in range(config.num_hidden_layers)]
+    embed = get("embed") if "embed" in state else None
+    return LlamaModel(config, embed, layers, get("norm"), linear_from_state(state, "lm_head"))

@@ -1,0 +1,106 @@
+"""int8 / int4 weight-only quantization: error bounds, kernels against dequantized matmul, files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smallmighty.compress import quantize as q
+from smallmighty.errors import SlmError
+
+
+def _weight(n: int = 48, k: int = 128) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05
+
+
+def test_int8_round_trip_error_is_at_most_half_a_step_per_row():
+    w = _weight()
+    codes, scale = q.quantize_int8(w)
+    assert codes.dtype == torch.int8 and scale.shape == (48,)
+    error = (q.dequantize_int8(codes, scale) - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()
+    # The largest weight of each row is represented exactly (it sets the scale).
+    rows = torch.arange(48)
+    peak = w.abs().argmax(dim=1)
+    torch.testing.assert_close(q.dequantize_int8(codes, scale)[rows, peak], w[rows, peak])
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_round_trip_error_is_at_most_half_a_step_per_group(group):
+    w = _weight()
+    packed, scale, zero = q.quantize_int4(w, group)
+    assert packed.shape == (48, 64) and packed.dtype == torch.uint8 and scale.shape == (48, 128 // group)
+    back = q.dequantize_int4(packed, scale, zero)
+    step = scale.repeat_interleave(group, dim=1)
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    # Group minima map to code 0 exactly.
+    mins = w.reshape(48, -1, group).amin(dim=2)
+    torch.testing.assert_close(back.reshape(48, -1, group).amin(dim=2), mins, atol=1e-6, rtol=0)
+
+
+def test_int4_packing_puts_the_even_input_in_the_low_nibble():
+    codes = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    assert packed.tolist() == [[0x21, 0x0F]]
+    assert q.unpack_int4(packed).tolist() == codes.tolist()
+
+
+def test_int4_needs_inputs_divisible_by_the_group():
+    with pytest.raises(SlmError, match="divisible"):
+        q.quantize_int4(_weight(), 48)
+    with pytest.raises(SlmError, match="divisible"):
+        q.quantize_int4(_weight(8, 100))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, rows):
+    # 40 output features: not a multiple of 16, which torch's int4 kernel needs padded.
+    w, bias = _weight(40, 128), torch.randn(40) * 0.1
+    state = q.quantize_state({"lin.weight": w, "lin.bias": bias}, {"lin": kind})
+    layer = q.quantized_linear_from_state(state, "lin")
+    assert isinstance(layer, q.Int8Linear if kind == "int8" else q.Int4Linear)
+    x = torch.randn(2, rows, 128, generator=torch.Generator().manual_seed(1))
+    expected = F.linear(x, layer.dequantize(), bias)
+    got = layer(x)
+    assert got.shape == (2, rows, 40) and got.dtype == torch.float32
+    # The fused kernels take bfloat16 activations and return bfloat16 (3 significant digits).
+    torch.testing.assert_close(got, expected, atol=0.02 * expected.abs().max().item(), rtol=0.01)
+    # And the quantized layer stays close to the float one it came from.
+    full = F.linear(x, w, bias)
+    assert (got - full).abs().max() < {"int8": 0.03, "int4": 0.15}[kind] * full.abs().max()
+
+
+def test_dequantize_rows_is_an_embedding_lookup():
+    w = _weight(64, 128)
+    for kind in ("int8", "int4"):
+        state = q.quantize_state({"emb.weight": w}, {"emb": kind})
+        layer = q.quantized_linear_from_state(state, "emb")
+        ids = torch.tensor([[3, 0], [63, 3]])
+        rows = layer.dequantize_rows(ids)
+        assert rows.shape == (2, 2, 128)
+        torch.testing.assert_close(rows, layer.dequantize()[ids])
+
+
+def test_quantize_state_follows_the_plan_and_keeps_other_tensors():
+    state = {"a.weight": _weight(), "a.bias": torch.zeros(48), "b.weight": _weight(16, 64),
+             "norm": torch.ones(128)}
+    out = q.quantize_state(state, {"a": "int8", "b": "int4"})
+    assert set(out) == {"a.qweight", "a.scale", "a.bias", "b.packed", "b.scale", "b.zero", "norm"}
+    assert q.quantize_state(state, {"a": "fp32"}).keys() == state.keys()
+    with pytest.raises(SlmError, match="precision"):
+        q.quantize_state(state, {"a": "int2"})
+
+
+def test_save_and_load_round_trip_tensors_and_metadata(tmp_path):
+    state = q.quantize_state({"a.weight": _weight(), "b.weight": _weight(32, 64)},
+                             {"a": "int4", "b": "int4"})
+    path = tmp_path / "sub" / "model.int4.safetensors"
+    q.save_state(path, state, {"precision": "int4", "source": "x"})
+    assert q.read_metadata(path) == {"precision": "int4", "source": "x"}
+    loaded, meta = q.load_state(path)
+    assert meta["precision"] == "int4" and loaded.keys() == state.keys()
+    for name in state:
+        assert torch.equal(loaded[name], state[name])
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left behind

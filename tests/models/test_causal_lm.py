@@ -1,0 +1,305 @@
+"""resolve_causal_lm: folders, GGUF conversion and its cache, hub ids, and the errors in between.
+
+The GGUF test writes a tiny Llama as GGUF (the way llama.cpp lays it out) and checks the converted
+folder reproduces the original model's logits and tokenization, so the conversion recipe is tested
+in seconds without the 135M default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smallmighty.errors import SlmError
+from smallmighty.models.causal_lm import gguf_cache_path, load_hf_causal_lm, resolve_causal_lm
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY = dict(hidden=32, ffn=64, layers=2, heads=4, kv_heads=2, max_len=256)
+
+
+def write_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """Write a random 2-layer Llama with a trained byte-level BPE tokenizer and a ChatML template.
+
+    Shaped like SmolLM2 (specials at ids 0-2, tied embeddings, grouped-query attention) so the
+    engine and CLI see the same layout as the real default, at a size that loads in milliseconds.
+    """
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["Hello there! What is the capital of France? The capital of France is Paris.",
+            "A small model answers short questions about the world, one token at a time."]
+    tokenizer.train_from_iterator(text * 20, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size()
+
+    h, f, heads, kv = TINY["hidden"], TINY["ffn"], TINY["heads"], TINY["kv_heads"]
+    head_dim = h // heads
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": weight(vocab, h), "model.norm.weight": 1 + weight(h) * 0.1}
+    for i in range(TINY["layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": weight(heads * head_dim, h),
+            p + "self_attn.k_proj.weight": weight(kv * head_dim, h),
+            p + "self_attn.v_proj.weight": weight(kv * head_dim, h),
+            p + "self_attn.o_proj.weight": weight(h, heads * head_dim),
+            p + "mlp.gate_proj.weight": weight(f, h),
+            p + "mlp.up_proj.weight": weight(f, h),
+            p + "mlp.down_proj.weight": weight(h, f),
+            p + "input_layernorm.weight": 1 + weight(h) * 0.1,
+            p + "post_attention_layernorm.weight": 1 + weight(h) * 0.1,
+        })
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": h, "intermediate_size": f, "num_hidden_layers": TINY["layers"],
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+        "max_position_embeddings": TINY["max_len"], "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+        "pad_token_id": 2, "attention_bias": False, "mlp_bias": False,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>", "chat_template": CHATML,
+        "model_max_length": TINY["max_len"],
+    }, indent=2))
+    return directory
+
+
+def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
+    """Write the folder from `write_tiny_llama` as an f32 GGUF, laid out as llama.cpp's converter does."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+
+    by_id = {i: t for t, i in tok["model"]["vocab"].items()} | {a["id"]: a["content"] for a in tok["added_tokens"]}
+    tokens = [by_id[i] for i in range(len(by_id))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        # llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes this on load.
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    weights = load_file(str(hf_dir / "model.safetensors"))
+    writer.add_tensor("token_embd.weight", weights.pop("model.embed_tokens.weight"))
+    writer.add_tensor("output_norm.weight", weights.pop("model.norm.weight"))
+    for name, w in sorted(weights.items()):
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        module = rest.removesuffix(".weight")
+        if module == "self_attn.q_proj":
+            w = permute(w, config["num_attention_heads"])
+        elif module == "self_attn.k_proj":
+            w = permute(w, config["num_key_value_heads"])
+        writer.add_tensor(f"blk.{layer}.{names[module]}.weight", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tiny_dir, tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")
+
+
+def test_hf_folder_resolves_to_itself(tiny_dir: Path) -> None:
+    assert resolve_causal_lm(str(tiny_dir)) == tiny_dir
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("config.json", "config.json"), ("tokenizer.json", "tokenizer.json"), ("model.safetensors", "*.safetensors"),
+])
+def test_incomplete_folder_names_the_missing_file(tiny_dir: Path, tmp_path: Path, remove: str, named: str) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name != remove:
+            (broken / f.name).symlink_to(f)
+    with pytest.raises(SlmError, match="missing .*" + re.escape(named)):
+        resolve_causal_lm(broken)
+
+
+def test_pickled_weights_are_refused_with_a_reason(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(SlmError, match="only pickled weights"):
+        resolve_causal_lm(tmp_path)
+
+
+def test_missing_path_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "model.gguf"
+    with pytest.raises(SlmError, match=f"{missing}: no such file"):
+        resolve_causal_lm(missing)
+
+
+def test_a_file_that_is_not_a_model(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi")
+    with pytest.raises(SlmError, match="not a model"):
+        resolve_causal_lm(notes)
+
+
+def test_hub_id_offline_says_it_could_not_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SlmError, match="'someorg/some-model' is not a local path and could not be downloaded"):
+        resolve_causal_lm("someorg/some-model")
+
+
+def test_gguf_converts_once_and_matches_the_original(tiny_dir: Path, tiny_gguf: Path, tmp_path: Path,
+                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    cache = tmp_path / "cache"
+    converted = resolve_causal_lm(tiny_gguf, cache_dir=cache)
+    assert converted == gguf_cache_path(tiny_gguf, cache) and converted.parent == cache
+    assert "Converting" in capfd.readouterr().err
+    assert [p.name for p in cache.iterdir()] == [converted.name]  # no temp leftovers
+
+    config = json.loads((converted / "config.json").read_text())
+    assert "quantization_config" not in config
+    tok_config = json.loads((converted / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == CHATML
+    assert tok_config["eos_token"] == "<|im_end|>"
+    assert json.loads((converted / "generation_config.json").read_text())["eos_token_id"] == 2
+
+    text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+    original_tok = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    converted_tok = Tokenizer.from_file(str(converted / "tokenizer.json"))
+    ids = original_tok.encode(text).ids
+    assert converted_tok.encode(text).ids == ids
+
+    def logits(directory: Path) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits
+
+    torch.testing.assert_close(logits(converted), logits(tiny_dir), atol=1e-4, rtol=1e-4)
+
+    # Second call: a cache hit, no message, same folder.
+    assert resolve_causal_lm(tiny_gguf, cache_dir=cache) == converted
+    assert "Converting" not in capfd.readouterr().err
+
+
+def test_cache_hit_imports_nothing_heavy(tiny_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """A cached model must resolve without importing torch or transformers (cold start)."""
+    cache = tmp_path / "cache"
+    target = gguf_cache_path(tiny_gguf, cache)
+    target.parent.mkdir(parents=True)
+    target.symlink_to(tiny_dir, target_is_directory=True)  # stands in for an earlier conversion
+    code = ("import sys; from smallmighty.models.causal_lm import resolve_causal_lm as r; "
+            f"print(r({str(tiny_gguf)!r}, cache_dir={str(cache)!r})); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.stdout.splitlines() == [str(target), "[]"]
+
+
+def test_cache_key_follows_the_file(tiny_gguf: Path, tmp_path: Path) -> None:
+    copy = tmp_path / tiny_gguf.name
+    copy.write_bytes(tiny_gguf.read_bytes())
+    before = gguf_cache_path(copy, tmp_path)
+    assert before.name.startswith("tiny-llama.F32-")
+    assert gguf_cache_path(copy, tmp_path) == before
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
+    assert gguf_cache_path(copy, tmp_path) != before
+
+
+def test_failed_conversion_leaves_no_cache(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smallmighty.models import causal_lm
+
+    def half_done(gguf: Path, out: Path) -> None:
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # a user pressing Ctrl-C mid-conversion
+
+    monkeypatch.setattr(causal_lm, "_convert_gguf", half_done)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_causal_lm(tiny_gguf, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_default_cache_dir_honours_slm_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from smallmighty.models.causal_lm import default_cache_dir
+
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "models"
+    monkeypatch.delenv("SLM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "smallmighty" / "models"
+
+
+@pytest.mark.slow
+def test_default_model_converts_and_predicts(tmp_path: Path) -> None:
+    """The real default (SmolLM2-135M-Instruct Q4_1), converted afresh, then run by transformers."""
+    import torch
+
+    directory = resolve_causal_lm(None, cache_dir=tmp_path)
+    model, tokenizer = load_hf_causal_lm(directory)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    ids = tokenizer(prompt + "The capital of France is", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_id = model(ids).logits[0, -1].argmax().item()
+    assert tokenizer.decode([next_id]).strip() == "Paris"

@@ -1,0 +1,123 @@
+"""Our Llama-family decoder against transformers' on the same random weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from smallmighty.errors import DataError, SlmError
+from smallmighty.models.llama import (LlamaConfig, hf_to_state, model_from_state, read_hf_weights,
+                                      rope_table)
+
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _hf_model(tmp_path: Path, arch: str = "llama", **overrides):
+    import transformers
+
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**{**BASE, **overrides})
+    model = getattr(transformers, model_cls)(config).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _ours(model_dir: Path):
+    config = LlamaConfig.from_file(model_dir / "config.json")
+    return model_from_state(config, hf_to_state(config, read_hf_weights(model_dir)))
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {"tie_word_embeddings": True}),
+    ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 4}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    ("llama", {"num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True}),
+    ("qwen2", {"tie_word_embeddings": True}),
+    ("mistral", {"sliding_window": None}),
+])
+def test_logits_match_transformers_prefill_and_cached_decode(tmp_path, arch, overrides):
+    hf = _hf_model(tmp_path, arch, **overrides)
+    ours = _ours(tmp_path)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = hf(ids).logits
+        cache = ours.new_cache(2, 12)
+        rope = ours.rope(12)[None, :, None]
+        got = ours(ids[:, :9], cache, 0, rope[:, :9], last_only=False)
+        torch.testing.assert_close(got, expected[:, :9], atol=1e-5, rtol=1e-4)
+        # The rest token by token and as one chunk through the cache: both must agree with HF.
+        for pos in (9, 10):
+            step = ours(ids[:, pos:pos + 1], cache, pos, rope[:, pos:pos + 1])
+            torch.testing.assert_close(step, expected[:, pos], atol=1e-5, rtol=1e-4)
+        chunk = ours(ids[:, 9:], cache, 9, rope[:, 9:], last_only=False)
+        torch.testing.assert_close(chunk, expected[:, 9:], atol=1e-5, rtol=1e-4)
+
+
+def test_config_reads_transformers5_rope_parameters_and_defaults(tmp_path):
+    _hf_model(tmp_path, rope_theta=5000.0)
+    data = json.loads((tmp_path / "config.json").read_text())
+    config = LlamaConfig.from_dict(data)
+    assert config.rope_theta == 5000.0 and config.rope_scaling is None
+    assert config.head_dim == 16 and config.num_key_value_heads == 2
+    # rope_table rows are unit rotations; position 0 is no rotation at all.
+    table = rope_table(config, 5)
+    torch.testing.assert_close(table.abs(), torch.ones(5, 8))
+    torch.testing.assert_close(table[0], torch.ones(8, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model_type", "gpt_neox", "model_type"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("num_key_value_heads", 3, "num_key_value_heads"),
+    ("hidden_size", -4, "hidden_size"),
+])
+def test_bad_config_names_the_field(field, value, match):
+    data = {"model_type": "llama", **BASE, field: value}
+    with pytest.raises(DataError, match=match):
+        LlamaConfig.from_dict(data, source="config.json")
+
+
+def test_unsupported_rope_scaling_is_a_clear_error():
+    config = LlamaConfig.from_dict({"model_type": "llama", **BASE,
+                                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(SlmError, match="yarn"):
+        rope_table(config, 4)
+
+
+def test_missing_or_extra_weights_are_reported(tmp_path):
+    _hf_model(tmp_path)
+    config = LlamaConfig.from_file(tmp_path / "config.json")
+    weights = read_hf_weights(tmp_path)
+    weights.pop("model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(SlmError, match="up_proj"):
+        hf_to_state(config, weights)
+    weights = read_hf_weights(tmp_path)
+    weights["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    with pytest.raises(SlmError, match="q_norm"):
+        hf_to_state(config, weights)
+
+
+def test_sharded_checkpoints_load_the_same_weights(tmp_path):
+    hf = _hf_model(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    config = LlamaConfig.from_file(tmp_path / "one" / "config.json")
+    single = hf_to_state(config, read_hf_weights(tmp_path / "one"))
+    sharded = hf_to_state(config, read_hf_weights(tmp_path / "sharded"))
+    assert single.keys() == sharded.keys()
+    for name in single:
+        torch.testing.assert_close(single[name], sharded[name])
+
+
+def test_folder_without_safetensors_is_an_error(tmp_path):
+    with pytest.raises(SlmError, match="safetensors"):
+        read_hf_weights(tmp_path)

@@ -1,0 +1,249 @@
+"""The generation engine on tiny random models: token-for-token equal to transformers' greedy
+`generate`, plus sampling, stopping, streaming, batching, quantized caches and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from smallmighty.errors import SlmError
+from smallmighty.serve import engine as engine_module
+from smallmighty.serve.engine import Engine, _Text
+from smallmighty.serve.sampling import GenerationSettings
+
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a robot learns to paint the sky",
+          "héllo wörld, naïve café", "emoji 🙂 and 日本語 text", "numbers 123 456 and more words"]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
+            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def make_model_dir(path: Path, **overrides) -> Path:
+    """A random Llama (HF format) with a byte-level BPE tokenizer, EOS '</s>' and a chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    eos = tok.token_to_id("</s>")
+    fields = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, bos_token_id=tok.token_to_id("<s>"),
+                  eos_token_id=eos, pad_token_id=eos, initializer_range=0.2)
+    config = LlamaConfig(**{**fields, **overrides})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir) -> Engine:
+    """The tiny model with EOS switched off: random weights may emit it at once, leaving nothing to test."""
+    loaded = Engine.from_pretrained(model_dir)
+    assert loaded.eos_token_ids == {loaded.tokenizer.token_to_id("</s>")}
+    loaded.eos_token_ids = set()
+    return loaded
+
+
+def _hf_greedy(model_dir: Path, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers' greedy generate over a left-padded batch, cut after each row's first EOS."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    eos = model.config.eos_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                             do_sample=False, pad_token_id=eos, eos_token_id=eos)
+    rows = []
+    for row in out[:, width:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+PROMPTS = [[5, 9, 13, 40, 41], [7, 3], [100, 101, 102, 103, 104, 105, 106, 107, 108], [42]]
+
+
+@pytest.mark.parametrize("overrides", [{"tie_word_embeddings": True},
+                                       {"tie_word_embeddings": False, "num_key_value_heads": 1}])
+def test_greedy_matches_transformers_single_and_batched(tmp_path, overrides):
+    model_dir = make_model_dir(tmp_path, **overrides)
+    engine = Engine.from_pretrained(model_dir)
+    settings = GenerationSettings(max_new_tokens=20)
+    expected = _hf_greedy(model_dir, PROMPTS, 20)
+    assert engine.generate(PROMPTS, settings) == expected
+    for prompt, want in zip(PROMPTS, expected):
+        assert engine.generate([prompt], settings) == [want]
+        assert _hf_greedy(model_dir, [prompt], 20) == [want]
+
+
+def test_eos_ends_a_row_and_is_kept_as_its_last_id(engine):
+    settings = GenerationSettings(max_new_tokens=12)
+    full = engine.generate([PROMPTS[0], PROMPTS[1]], settings)
+    engine.eos_token_ids = {full[0][4]}
+    try:
+        cut = engine.generate([PROMPTS[0], PROMPTS[1]], settings)
+    finally:
+        engine.eos_token_ids = set()
+    first = full[0].index(full[0][4])
+    assert cut[0] == full[0][: first + 1]
+    # The other row stops only at its own first EOS, if it has one.
+    eos = full[0][4]
+    assert cut[1] == (full[1][: full[1].index(eos) + 1] if eos in full[1] else full[1])
+
+
+def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(engine):
+    greedy = engine.generate(PROMPTS, GenerationSettings(max_new_tokens=15))
+    sample = GenerationSettings(max_new_tokens=15, temperature=1.5, seed=7)
+    first = engine.generate(PROMPTS, sample)
+    assert engine.generate(PROMPTS, sample) == first
+    others = [engine.generate(PROMPTS, GenerationSettings(max_new_tokens=15, temperature=1.5, seed=s))
+              for s in (8, 9)]
+    assert any(o != first for o in others)
+    assert first != greedy
+    top1 = GenerationSettings(max_new_tokens=15, temperature=1.5, top_k=1, seed=3)
+    assert engine.generate(PROMPTS, top1) == greedy
+
+
+def test_repetition_penalty_changes_greedy_output_away_from_seen_tokens(engine):
+    plain = engine.generate([PROMPTS[0]], GenerationSettings(max_new_tokens=20))[0]
+    penalized = engine.generate([PROMPTS[0]],
+                                GenerationSettings(max_new_tokens=20, repetition_penalty=50.0))[0]
+    assert penalized != plain
+    # A strong penalty makes seen tokens (prompt or output) lose to unseen ones while any remain.
+    seen_again = sum(tok in PROMPTS[0] + penalized[:i] for i, tok in enumerate(penalized))
+    seen_again_plain = sum(tok in PROMPTS[0] + plain[:i] for i, tok in enumerate(plain))
+    assert seen_again < seen_again_plain
+
+
+def test_stop_strings_cut_the_text_and_streaming_joins_to_the_same_text(engine):
+    prompt = "the quick"
+    free = engine.generate_text(prompt, GenerationSettings(max_new_tokens=30))
+    assert len(free) > 6
+    stop = free[3:5]
+    text = engine.generate_text(prompt, GenerationSettings(max_new_tokens=30, stop=(stop,)))
+    assert text == free[: free.index(stop)]
+    for settings in (GenerationSettings(max_new_tokens=30, stop=(stop,)),
+                     GenerationSettings(max_new_tokens=30),
+                     GenerationSettings(max_new_tokens=30, temperature=1.0, seed=1, stop=("zz", stop))):
+        pieces = list(engine.stream(prompt, settings))
+        assert "".join(pieces) == engine.generate_text(prompt, settings)
+    assert len(list(engine.stream(prompt, GenerationSettings(max_new_tokens=30)))) > 10
+
+
+def test_generate_text_batches_strings_like_single_calls(engine):
+    prompts = ["a robot", "the lazy dog jumps", "héllo"]
+    settings = GenerationSettings(max_new_tokens=10)
+    assert engine.generate_text(prompts, settings) == [engine.generate_text(p, settings) for p in prompts]
+
+
+def test_incremental_text_never_splits_multibyte_characters(engine):
+    text = "emoji 🙂 and 日本語, naïve café"
+    ids = engine.tokenizer.encode(text).ids
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    tracker = _Text(engine.tokenizer, ())
+    pieces = []
+    for token in ids:
+        before = tracker.text
+        tracker.add(token)
+        pieces.append(tracker.text[len(before):])
+    tracker.finish()
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text == tracker.text
+
+
+def test_chat_template_and_encoding_without_double_bos(engine):
+    text = engine.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<s><user>hi</s><assistant>"
+    assert engine.apply_chat_template([{"role": "user", "content": "hi"}],
+                                      add_generation_prompt=False) == "<s><user>hi</s>"
+    ids = engine.encode(text)
+    assert ids.count(engine.tokenizer.token_to_id("<s>")) == 1
+    assert engine.decode(ids) == "<user>hi<assistant>"
+    with pytest.raises(SlmError, match="messages"):
+        engine.apply_chat_template([{"role": "user"}])
+
+
+def test_bad_input_raises_clear_errors(engine, model_dir):
+    settings = GenerationSettings(max_new_tokens=4)
+    with pytest.raises(SlmError, match="context"):
+        engine.generate([[1] * 64], settings)
+    with pytest.raises(SlmError, match="empty"):
+        engine.generate([[]], settings)
+    with pytest.raises(SlmError, match="outside"):
+        engine.generate([[10**6]], settings)
+    with pytest.raises(SlmError, match="top_p"):
+        engine.generate_text("hi", GenerationSettings(top_p=0.0))
+    with pytest.raises(SlmError, match="temperature"):
+        list(engine.stream("hi", GenerationSettings(temperature=-1)))
+    with pytest.raises(SlmError, match="precision"):
+        Engine.from_pretrained(model_dir, precision="int3")
+    with pytest.raises(SlmError, match="max_seq_len"):
+        Engine.from_pretrained(model_dir, max_seq_len=65)
+    with pytest.raises(SlmError, match="not found"):
+        Engine.from_pretrained(model_dir / "nope")
+
+
+def test_generation_stops_at_the_context_limit(model_dir):
+    short = Engine.from_pretrained(model_dir, max_seq_len=12)
+    short.eos_token_ids = set()
+    out = short.generate([[5] * 10, [6] * 3], GenerationSettings(max_new_tokens=50))
+    assert [len(row) for row in out] == [2, 2]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_engine_caches_weights_next_to_the_model_and_reuses_them(tmp_path, precision):
+    model_dir = make_model_dir(tmp_path / "m")
+    first = Engine.from_pretrained(model_dir, precision=precision)
+    cache = model_dir / f"model.{precision}.safetensors"
+    assert cache.is_file() and first.precision == precision
+    stamp = cache.stat().st_mtime_ns
+    second = Engine.from_pretrained(model_dir, precision=precision)
+    assert cache.stat().st_mtime_ns == stamp
+    settings = GenerationSettings(max_new_tokens=8)
+    assert first.generate(PROMPTS, settings) == second.generate(PROMPTS, settings)
+    fp32 = Engine.from_pretrained(model_dir)
+    with torch.inference_mode():
+        ids = torch.tensor([PROMPTS[2]])
+        ref = fp32.model(ids, fp32.model.new_cache(1, 9), 0, fp32.model.rope(9)[None, :9, None])
+        got = second.model(ids, second.model.new_cache(1, 9), 0, second.model.rope(9)[None, :9, None])
+    tolerance = {"int8": 0.05, "int4": 0.3}[precision]
+    assert (got - ref).abs().max() < tolerance * ref.abs().max()
+
+
+def test_read_only_model_folder_caches_under_the_user_cache(tmp_path, monkeypatch):
+    model_dir = make_model_dir(tmp_path / "m")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real_save = engine_module.save_state
+
+    def refuse_model_dir(path, state, metadata):
+        if Path(path).parent == model_dir:
+            raise PermissionError(13, "read-only", str(path))
+        real_save(path, state, metadata)
+
+    monkeypatch.setattr(engine_module, "save_state", refuse_model_dir)
+    Engine.from_pretrained(model_dir, precision="int8")
+    cached = list((tmp_path / "xdg" / "smallmighty").rglob("model.int8.safetensors"))
+    assert len(cached) == 1 and not (model_dir / "model.int8.safetensors").exists()

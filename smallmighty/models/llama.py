@@ -151,10 +151,15 @@ def rope_table(config: LlamaConfig, length: int) -> torch.Tensor:
     return torch.polar(torch.ones_like(angles), angles)
 
 
+def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """0 where attention is allowed, -inf where not: the float mask the attention adds to scores."""
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, -math.inf)
+
+
 def causal_mask(start: int, length: int) -> torch.Tensor:
-    """[1, 1, length, start + length] boolean mask: query i (at slot start + i) sees slots <= start + i."""
+    """[1, 1, length, start + length] mask: query i (at slot start + i) sees slots <= start + i."""
     slots = torch.arange(start + length)
-    return (slots[None, :] <= start + torch.arange(length)[:, None])[None, None]
+    return additive_mask(slots[None, :] <= start + torch.arange(length)[:, None])[None, None]
 
 
 def _pair_rotary_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -164,11 +169,19 @@ def _pair_rotary_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.
     return w.transpose(1, 2).reshape(shape)
 
 
+#: Batch sizes (rows per matmul) that use the blocked oneDNN copy of float32 weights: on a 2-core
+#: CPU it runs 8 rows in about the time of 1 (batched decoding 5x faster in aggregate), while MKL on
+#: the plain transposed weight is ~12% faster for a single row and equal for long prompts.
+BLOCKED_ROWS = range(2, 65)
+
+
 class DenseLinear(nn.Module):
     """A float32 Linear layer that stores its weight transposed, [in, out].
 
     Why: for one token at a time (a matrix-vector product) BLAS streams a [in, out] weight about
     twice as fast as nn.Linear's [out, in] on the CPUs we measured, and decode time is that stream.
+    Batched decoding uses a second, blocked copy made on first use (see `BLOCKED_ROWS`), which
+    doubles this layer's memory only for engines that batch.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -176,8 +189,15 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight_t = nn.Parameter(weight.float().t().contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self._blocked: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features in BLOCKED_ROWS and torch.backends.mkldnn.is_available():
+            if self._blocked is None:
+                # The second argument is the batch size oneDNN tunes the blocking for.
+                self._blocked = torch.ops.mkldnn._reorder_linear_weight(
+                    self.weight_t.t().contiguous(), 8)
+            return torch.ops.mkldnn._linear_pointwise(x, self._blocked, self.bias, "none", [], "")
         y = x @ self.weight_t
         if self.bias is not None:
             y += self.bias
@@ -201,30 +221,41 @@ class DecoderLayer(nn.Module):
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads,
                                                     config.num_key_value_heads, config.head_dim)
         self.inter = config.intermediate_size
+        self.norm_shape = (config.hidden_size,)
+        self.rope_pairs = (self.heads + self.kv_heads, self.head_dim // 2, 2)
 
     def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, start: int, rope: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         """Update the residual stream `h` [B, T, hidden] in place and return it.
 
         `kv_cache` is this layer's [B, 2 * kv_heads, S, head_dim] buffer; positions [start, start + T)
-        are written. `rope` is [B or 1, T, 1, head_dim // 2] complex; `mask` is a boolean
-        [B, 1, T, start + T] (True = may attend) or None for plain causal attention.
+        are written. `rope` is [B or 1, T, 1, head_dim // 2] complex; `mask` is an additive float
+        mask [B, 1, T, start + T] (0 = may attend, -inf = may not) or None for plain causal attention.
+        Queries arrive pre-scaled by 1/sqrt(head_dim) (folded into the weights by `hf_to_state`).
         """
         b, t, _ = h.shape
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
-        x = F.rms_norm(h, (h.shape[-1],), self.attn_norm, self.eps)
+        x = F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps)
         qkv = self.qkv(x)
-        qk = torch.view_as_complex(qkv[..., : (hq + hk) * d].unflatten(-1, (hq + hk, d // 2, 2)))
-        qk.mul_(rope)
+        torch.view_as_complex(qkv[..., : (hq + hk) * d].unflatten(-1, self.rope_pairs)).mul_(rope)
         kv_cache[:, :, start:start + t] = qkv[..., hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
-        q = qkv[..., : hq * d].view(b, t, hq, d).transpose(1, 2)
         keys = kv_cache[:, :hk, : start + t]
         values = kv_cache[:, hk:, : start + t]
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              is_causal=mask is None and t > 1,
-                                              enable_gqa=hq != hk)
-        h += self.o(attn.transpose(1, 2).reshape(b, t, hq * d))
-        x = F.rms_norm(h, (h.shape[-1],), self.mlp_norm, self.eps)
+        if t == 1:
+            # One query per row: grouped matmuls beat SDPA's per-call setup. Query heads sharing a
+            # key/value head are consecutive, so [B, kv_heads, group, d] is a free view.
+            scores = qkv[..., : hq * d].view(b, hk, hq // hk, d) @ keys.transpose(-1, -2)
+            if mask is not None:
+                scores += mask
+            attn = (scores.softmax(dim=-1) @ values).view(b, 1, hq * d)
+        else:
+            q = qkv[..., : hq * d].view(b, t, hq, d).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                  is_causal=mask is None, scale=1.0,
+                                                  enable_gqa=hq != hk)
+            attn = attn.transpose(1, 2).reshape(b, t, hq * d)
+        h += self.o(attn)
+        x = F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps)
         gate_up = self.gate_up(x)
         act = F.silu(gate_up[..., : self.inter]).mul_(gate_up[..., self.inter:])
         h += self.down(act)
@@ -332,12 +363,16 @@ def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[s
     def rotary(name: str, heads: int) -> torch.Tensor:
         return _pair_rotary_rows(take(name), heads, c.head_dim)
 
+    # Attention scores need q.k / sqrt(head_dim): scale q's rows once here instead of every step
+    # (exact for power-of-two head sizes).
+    q_scale = c.head_dim ** -0.5
+
     state: dict[str, torch.Tensor] = {}
     for i in range(c.num_hidden_layers):
         p, s = f"model.layers.{i}.", f"layers.{i}."
         for kind in ("weight", "bias") if c.attention_bias else ("weight",):
             state[s + f"qkv.{kind}"] = torch.cat([
-                rotary(p + f"self_attn.q_proj.{kind}", c.num_attention_heads),
+                rotary(p + f"self_attn.q_proj.{kind}", c.num_attention_heads) * q_scale,
                 rotary(p + f"self_attn.k_proj.{kind}", c.num_key_value_heads),
                 take(p + f"self_attn.v_proj.{kind}")])
         for kind in ("weight", "bias") if c.mlp_bias else ("weight",):

@@ -78,7 +78,13 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 class QuantizedLinear(nn.Module):
-    """Shared parts: optional float32 bias, reshaping around the 2-D kernels, float32 in and out."""
+    """Shared parts: optional bias, and the fused kernel on [rows, in] bfloat16 activations.
+
+    Activations are bfloat16 (`activation_dtype`), the kernels' own type: converting to and from
+    float32 around every call would cost more than the small matmuls of decoding.
+    """
+
+    activation_dtype = torch.bfloat16
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -96,9 +102,11 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._fused(x.reshape(-1, self.in_features).to(torch.bfloat16)).float()
+        """x [..., in] (any float type) -> [..., out], bfloat16 (float32 if the layer has a bias,
+        which is added in float32 to keep its precision)."""
+        y = self._fused(x.reshape(-1, self.in_features).to(torch.bfloat16))
         if self.bias is not None:
-            y += self.bias
+            y = torch.add(self.bias, y)
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -173,6 +173,7 @@ def _pair_rotary_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.
 #: CPU it runs 8 rows in about the time of 1 (batched decoding 5x faster in aggregate), while MKL on
 #: the plain transposed weight is ~12% faster for a single row and equal for long prompts.
 BLOCKED_ROWS = range(2, 65)
+_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class DenseLinear(nn.Module):
@@ -191,8 +192,10 @@ class DenseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self._blocked: torch.Tensor | None = None
 
+    activation_dtype = torch.float32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features in BLOCKED_ROWS and torch.backends.mkldnn.is_available():
+        if _ONEDNN and x.numel() // self.in_features in BLOCKED_ROWS:
             if self._blocked is None:
                 # The second argument is the batch size oneDNN tunes the blocking for.
                 self._blocked = torch.ops.mkldnn._reorder_linear_weight(
@@ -208,72 +211,76 @@ class DenseLinear(nn.Module):
         return self.weight_t.index_select(1, rows.flatten()).t().reshape(*rows.shape, self.in_features)
 
 
-class DecoderLayer(nn.Module):
-    """One transformer block: attention with a KV cache, then a SwiGLU MLP, each with a residual."""
+class DecoderLayer:
+    """One transformer block: attention with a KV cache, then a SwiGLU MLP, each with a residual.
+
+    A plain class rather than an nn.Module: nothing here trains, and attribute lookups on a Module's
+    registered children cost about 1 us each, ten times per layer per token.
+    """
 
     def __init__(self, config: LlamaConfig, qkv: nn.Module, o: nn.Module, gate_up: nn.Module,
                  down: nn.Module, attn_norm: torch.Tensor, mlp_norm: torch.Tensor) -> None:
-        super().__init__()
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
-        self.attn_norm = nn.Parameter(attn_norm, requires_grad=False)
-        self.mlp_norm = nn.Parameter(mlp_norm, requires_grad=False)
+        self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads, self.head_dim = (config.num_attention_heads,
                                                     config.num_key_value_heads, config.head_dim)
         self.inter = config.intermediate_size
         self.norm_shape = (config.hidden_size,)
         self.rope_pairs = (self.heads + self.kv_heads, self.head_dim // 2, 2)
+        # Quantized kernels take and return bfloat16: keep the MLP in it between them, and the
+        # residual stream, attention and rotary embedding in float32.
+        self.activation_dtype = qkv.activation_dtype
 
-    def forward(self, h: torch.Tensor, kv_cache: torch.Tensor, start: int, rope: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """Update the residual stream `h` [B, T, hidden] in place and return it.
+    def forward(self, h: torch.Tensor, batch: int, kv_cache: torch.Tensor, start: int,
+                rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Update the residual stream `h` [batch * T, hidden] (rows batch-major) in place, return it.
 
-        `kv_cache` is this layer's [B, 2 * kv_heads, S, head_dim] buffer; positions [start, start + T)
-        are written. `rope` is [B or 1, T, 1, head_dim // 2] complex; `mask` is an additive float
-        mask [B, 1, T, start + T] (0 = may attend, -inf = may not) or None for plain causal attention.
-        Queries arrive pre-scaled by 1/sqrt(head_dim) (folded into the weights by `hf_to_state`).
+        `kv_cache` is this layer's [batch, 2 * kv_heads, S, head_dim] buffer; positions
+        [start, start + T) are written. `rope` is [batch or 1, T, 1, head_dim // 2] complex; `mask` is
+        an additive float mask [batch, 1, T, start + T] (0 = may attend, -inf = may not) or None for
+        plain causal attention. Queries arrive pre-scaled by 1/sqrt(head_dim) (see `hf_to_state`).
         """
-        b, t, _ = h.shape
-        hq, hk, d = self.heads, self.kv_heads, self.head_dim
-        x = F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps)
-        qkv = self.qkv(x)
-        torch.view_as_complex(qkv[..., : (hq + hk) * d].unflatten(-1, self.rope_pairs)).mul_(rope)
-        kv_cache[:, :, start:start + t] = qkv[..., hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
+        b, t = batch, h.shape[0] // batch
+        hq, hk, d, act = self.heads, self.kv_heads, self.head_dim, self.activation_dtype
+        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps).to(act)).float()
+        torch.view_as_complex(qkv[:, : (hq + hk) * d].view(b, t, *self.rope_pairs)).mul_(rope)
+        kv_cache[:, :, start:start + t] = qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
         keys = kv_cache[:, :hk, : start + t]
         values = kv_cache[:, hk:, : start + t]
         if t == 1:
             # One query per row: grouped matmuls beat SDPA's per-call setup. Query heads sharing a
             # key/value head are consecutive, so [B, kv_heads, group, d] is a free view.
-            scores = qkv[..., : hq * d].view(b, hk, hq // hk, d) @ keys.transpose(-1, -2)
+            scores = qkv[:, : hq * d].view(b, hk, hq // hk, d) @ keys.transpose(-1, -2)
             if mask is not None:
                 scores += mask
-            attn = (scores.softmax(dim=-1) @ values).view(b, 1, hq * d)
+            attn = (scores.softmax(dim=-1) @ values).view(b, hq * d)
         else:
-            q = qkv[..., : hq * d].view(b, t, hq, d).transpose(1, 2)
+            q = qkv[:, : hq * d].view(b, t, hq, d).transpose(1, 2)
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                   is_causal=mask is None, scale=1.0,
                                                   enable_gqa=hq != hk)
-            attn = attn.transpose(1, 2).reshape(b, t, hq * d)
-        h += self.o(attn)
-        x = F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps)
-        gate_up = self.gate_up(x)
-        act = F.silu(gate_up[..., : self.inter]).mul_(gate_up[..., self.inter:])
-        h += self.down(act)
+            attn = attn.transpose(1, 2).reshape(b * t, hq * d)
+        h += self.o(attn.to(act))
+        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps).to(act))
+        h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]))
         return h
 
 
-class LlamaModel(nn.Module):
-    """The whole decoder: token embedding, layers, final norm and the vocabulary projection."""
+class LlamaModel:
+    """The whole decoder: token embedding, layers, final norm and the vocabulary projection.
+
+    Inference only (call it under `torch.inference_mode()`); a plain class like `DecoderLayer`.
+    """
 
     def __init__(self, config: LlamaConfig, embed: torch.Tensor | None, layers: list[DecoderLayer],
                  norm: torch.Tensor, lm_head: nn.Module) -> None:
-        super().__init__()
         self.config = config
         # With tied embeddings the lookup table is the lm_head weight itself (possibly quantized),
         # so no second copy is kept.
-        self.embed = None if embed is None else nn.Parameter(embed, requires_grad=False)
-        self.layers = nn.ModuleList(layers)
-        self.norm = nn.Parameter(norm, requires_grad=False)
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
         self.lm_head = lm_head
         self._rope = torch.empty(0, config.head_dim // 2, dtype=torch.complex64)
 
@@ -295,20 +302,23 @@ class LlamaModel(nn.Module):
         return [torch.empty(batch, 2 * c.num_key_value_heads, length, c.head_dim)
                 for _ in range(c.num_hidden_layers)]
 
-    def forward(self, ids: torch.Tensor, cache: list[torch.Tensor], start: int, rope: torch.Tensor,
-                mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, cache: list[torch.Tensor], start: int, rope: torch.Tensor,
+                 mask: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
         """Logits for tokens `ids` [B, T] at cache slots [start, start + T).
 
         Returns [B, V] logits of the last position when `last_only`, else [B, T, V].
         """
-        if mask is None and ids.shape[1] > 1 and start > 0:
-            mask = causal_mask(start, ids.shape[1])
-        h = self.embed_tokens(ids)
+        b, t = ids.shape
+        if mask is None and t > 1 and start > 0:
+            mask = causal_mask(start, t)
+        h = self.embed_tokens(ids.flatten())
         for layer, kv in zip(self.layers, cache):
-            h = layer(h, kv, start, rope, mask)
+            h = layer.forward(h, b, kv, start, rope, mask)
+        h = h.view(b, t, -1)
         if last_only:
             h = h[:, -1]
-        return self.lm_head(F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps))
+        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
+        return self.lm_head(h.to(self.lm_head.activation_dtype)).float()
 
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -25,12 +25,12 @@ import torch
 from smallmighty.compress.quantize import (PRECISIONS, load_state, quantize_state, read_metadata,
                                            save_state)
 from smallmighty.errors import DataError, SlmError
-from smallmighty.models.llama import (LlamaConfig, LlamaModel, hf_to_state, linear_names,
-                                      model_from_state, read_hf_weights)
+from smallmighty.models.llama import (LlamaConfig, LlamaModel, additive_mask, hf_to_state,
+                                      linear_names, model_from_state, read_hf_weights)
 from smallmighty.serve.sampling import GenerationSettings, TokenChooser
 
 #: Bump when the engine's weight layout changes, so stale quantized caches are rebuilt.
-CACHE_FORMAT = "smallmighty-llama-2"
+CACHE_FORMAT = "smallmighty-llama-3"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -367,8 +367,9 @@ class Engine:
             visible = torch.arange(slots)[None, :] >= pads[:, None]  # [B, slots]: not padding
             causal = torch.ones(longest, longest, dtype=torch.bool).tril()
             # Padding queries see themselves, so no softmax row is empty (their output is unused).
-            mask = (causal & visible[:, None, :longest]) | torch.eye(longest, dtype=torch.bool)
-            logits = model(ids, cache, 0, rope[positions][:, :, None], mask[:, None])
+            allowed = (causal & visible[:, None, :longest]) | torch.eye(longest, dtype=torch.bool)
+            logits = model(ids, cache, 0, rope[positions][:, :, None], additive_mask(allowed)[:, None])
+            step_mask = additive_mask(visible)[:, None, None]
         else:
             logits = model(ids, cache, 0, rope[None, :longest, None])
         chooser = TokenChooser(settings, prompts, model.config.vocab_size)
@@ -380,6 +381,6 @@ class Engine:
             slot = longest + step
             if padded:
                 logits = model(chosen[:, None], cache, slot, rope[slot - pads][:, None, None],
-                               visible[:, None, None, : slot + 1])
+                               step_mask[..., : slot + 1])
             else:
                 logits = model(chosen[:, None], cache, slot, rope[None, slot:slot + 1, None])

@@ -64,12 +64,23 @@ def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, rows)
     x = torch.randn(2, rows, 128, generator=torch.Generator().manual_seed(1))
     expected = F.linear(x, layer.dequantize(), bias)
     got = layer(x)
-    assert got.shape == (2, rows, 40) and got.dtype == torch.float32
+    assert got.shape == (2, rows, 40) and got.dtype == torch.float32  # float32: it has a bias
     # The fused kernels take bfloat16 activations and return bfloat16 (3 significant digits).
     torch.testing.assert_close(got, expected, atol=0.02 * expected.abs().max().item(), rtol=0.01)
     # And the quantized layer stays close to the float one it came from.
     full = F.linear(x, w, bias)
     assert (got - full).abs().max() < {"int8": 0.03, "int4": 0.15}[kind] * full.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_linear_without_bias_works_in_bfloat16(kind):
+    layer = q.quantized_linear_from_state(q.quantize_state({"lin.weight": _weight(32, 64)},
+                                                           {"lin": kind}), "lin")
+    assert layer.activation_dtype == torch.bfloat16
+    x = torch.randn(3, 64)
+    y = layer(x.to(layer.activation_dtype))
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 32)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
 
 
 def test_dequantize_rows_is_an_embedding_lookup():

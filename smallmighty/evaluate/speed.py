@@ -73,7 +73,18 @@ def throughput_per_s(fn_batch: Callable[[list], Any], inputs: Sequence, *, batch
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux this reads VmHWM, which starts afresh at exec: ru_maxrss does not, so a child started
+    by a large parent would report the parent's size at fork. Elsewhere ru_maxrss (KiB on Linux,
+    bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 

@@ -136,3 +136,14 @@ def test_hardware_info_describes_this_machine() -> None:
     assert info["cores"] == os.cpu_count()
     assert info["torch_threads"] >= 1
     assert info["platform"] and info["cpu"]
+
+
+def test_child_peak_rss_does_not_inherit_the_parents():
+    """A fresh child reports its own peak, not the size of the (large) process that started it."""
+    import subprocess
+    import sys
+
+    ballast = b"x" * (600 * 2**20)  # make this process large (pages written) before starting the child
+    code = "from smallmighty.evaluate.speed import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert len(ballast) and child < 300

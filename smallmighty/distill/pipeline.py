@@ -33,7 +33,8 @@ def run_pipeline(teacher: str, train: LabelledTexts, test: LabelledTexts, out_di
                  distill: DistillConfig, teacher_train: TrainConfig, runtime: str = "onnx",
                  baseline: bool = True, resume: bool = False) -> dict:
     """Fine-tune (if needed), distil, evaluate; returns the report card and writes it to `out_dir`."""
-    from smallmighty.evaluate.card import build_card, evaluate_baseline, evaluate_classifier
+    from smallmighty.evaluate.card import (build_card, dataset_label, describe_model, evaluate_baseline,
+                                           evaluate_classifier)
     from smallmighty.evaluate.report import format_table, summarize, write_report
 
     out_dir = Path(out_dir)
@@ -53,11 +54,13 @@ def run_pipeline(teacher: str, train: LabelledTexts, test: LabelledTexts, out_di
     info = distill_classifier(teacher_dir, train, out_dir / "student", distill, resume=resume)
     timings["distill_s"] = time.perf_counter() - start
     print("evaluating teacher, student and baseline on the test split")
-    models = [evaluate_classifier(teacher_dir, test, name="teacher", role="teacher", runtime=runtime),
-              evaluate_classifier(out_dir / "student", test, name="student", role="student", runtime=runtime)]
+    models = [evaluate_classifier(teacher_dir, test, name=describe_model(teacher_dir), role="teacher",
+                                  runtime=runtime),
+              evaluate_classifier(out_dir / "student", test, name=describe_model(out_dir / "student"), role="student",
+                                  runtime=runtime)]
     if baseline:
         models.append(evaluate_baseline(train, test))
-    card = build_card(models, train, test, title=f"Distillation report: {Path(test.source).name}",
+    card = build_card(models, train, test, title=f"Distillation report: {dataset_label(test.source)}",
                       training={"teacher": str(teacher_dir), "student": info, "timings_s": timings,
                                 "teacher_train": asdict(teacher_train)})
     json_path, html_path = write_report(out_dir, card)

@@ -29,6 +29,24 @@ def disk_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 2**20
 
 
+def describe_model(model_dir: str | Path) -> str:
+    """A short name from the model's config, such as 'bert 6L-384'."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return f"{config.get('model_type', 'model')} {config.get('num_hidden_layers')}L-{config.get('hidden_size')}"
+
+
+def dataset_label(source: str) -> str:
+    """A readable dataset name from a source path: its folder, skipping generic names."""
+    path = Path(source.split(" [split ")[0])
+    if path.suffix:
+        path = path.parent
+    while path.name in ("data", "") and path.parent != path:
+        path = path.parent
+    return path.name or source
+
+
 def _weights_file(model_dir: Path, runtime: str) -> Path:
     onnx_name = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}.get(runtime)
     return model_dir / onnx_name if onnx_name else model_dir / "model.safetensors"
@@ -77,6 +95,6 @@ def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: 
 def build_card(models: list[dict], train: LabelledTexts, test: LabelledTexts, *, title: str,
                training: dict | None = None) -> dict:
     return {"title": title,
-            "task": {"dataset": test.source, "n_train": len(train), "n_test": len(test),
+            "task": {"dataset": dataset_label(test.source), "source": test.source, "n_train": len(train), "n_test": len(test),
                      "num_labels": len(test.label_names)},
             "hardware": hardware_info(), "models": models, "training": training or {}}

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from smallmighty.errors import SlmError
-    from smallmighty.evaluate.card import build_card, evaluate_baseline, evaluate_classifier
+    from smallmighty.evaluate.card import build_card, dataset_label, evaluate_baseline, evaluate_classifier
     from smallmighty.evaluate.report import format_table, write_report
 
     if not args.model and not args.teacher:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                                           runtime=args.runtime))
     if args.baseline:
         models.append(evaluate_baseline(train, test))
-    card = build_card(models, train, test, title=f"Report card: {Path(test.source).name}")
+    card = build_card(models, train, test, title=f"Report card: {dataset_label(test.source)}")
     json_path, html_path = write_report(args.out, card)
     print(format_table(card))
     print(f"report: {html_path} (and {json_path})")

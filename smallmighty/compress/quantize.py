@@ -101,9 +101,10 @@ class QuantizedLinear(nn.Module):
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
         """x [..., in] (any float type) -> [..., out], bfloat16 (float32 if the layer has a bias,
-        which is added in float32 to keep its precision)."""
+        which is added in float32 to keep its precision). `batched` (a decode step of several
+        sequences) changes nothing here: the same kernel serves every batch size."""
         y = self._fused(x.reshape(-1, self.in_features).to(torch.bfloat16))
         if self.bias is not None:
             y = torch.add(self.bias, y)

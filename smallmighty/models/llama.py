@@ -169,10 +169,6 @@ def _pair_rotary_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.
     return w.transpose(1, 2).reshape(shape)
 
 
-#: Batch sizes (rows per matmul) that use the blocked oneDNN copy of float32 weights: on a 2-core
-#: CPU it runs 8 rows in about the time of 1 (batched decoding 5x faster in aggregate), while MKL on
-#: the plain transposed weight is ~12% faster for a single row and equal for long prompts.
-BLOCKED_ROWS = range(2, 65)
 _ONEDNN = torch.backends.mkldnn.is_available()
 
 
@@ -181,9 +177,12 @@ class DenseLinear(nn.Module):
 
     Why: for one token at a time (a matrix-vector product) BLAS streams a [in, out] weight about
     twice as fast as nn.Linear's [out, in] on the CPUs we measured, and decode time is that stream.
-    Batched decoding uses a second, blocked copy made on first use (see `BLOCKED_ROWS`), which
-    doubles this layer's memory only for engines that batch.
+    Decoding a batch of sequences (a few rows) is a different case: oneDNN on a blocked copy of
+    the weight runs 8 rows in about the time of 1 where MKL takes 2.5x, so batched steps use such
+    a copy, made on first use. Only engines that batch pay its memory.
     """
+
+    activation_dtype = torch.float32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -192,10 +191,9 @@ class DenseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self._blocked: torch.Tensor | None = None
 
-    activation_dtype = torch.float32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ONEDNN and x.numel() // self.in_features in BLOCKED_ROWS:
+    def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out]; `batched` marks a decode step of several sequences."""
+        if batched and _ONEDNN:
             if self._blocked is None:
                 # The second argument is the batch size oneDNN tunes the blocking for.
                 self._blocked = torch.ops.mkldnn._reorder_linear_weight(
@@ -243,7 +241,8 @@ class DecoderLayer:
         """
         b, t = batch, h.shape[0] // batch
         hq, hk, d, act = self.heads, self.kv_heads, self.head_dim, self.activation_dtype
-        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps).to(act)).float()
+        many = b > 1 and t == 1
+        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps).to(act), many).float()
         torch.view_as_complex(qkv[:, : (hq + hk) * d].view(b, t, *self.rope_pairs)).mul_(rope)
         kv_cache[:, :, start:start + t] = qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
         keys = kv_cache[:, :hk, : start + t]
@@ -261,9 +260,9 @@ class DecoderLayer:
                                                   is_causal=mask is None, scale=1.0,
                                                   enable_gqa=hq != hk)
             attn = attn.transpose(1, 2).reshape(b * t, hq * d)
-        h += self.o(attn.to(act))
-        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps).to(act))
-        h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]))
+        h += self.o(attn.to(act), many)
+        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps).to(act), many)
+        h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]), many)
         return h
 
 
@@ -318,7 +317,7 @@ class LlamaModel:
         if last_only:
             h = h[:, -1]
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h.to(self.lm_head.activation_dtype)).float()
+        return self.lm_head(h.to(self.lm_head.activation_dtype), b > 1 and t == 1).float()
 
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -410,18 +409,21 @@ def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[s
 
 
 def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> LlamaModel:
-    """Assemble a `LlamaModel` from an engine-layout state dict, float32 or quantized."""
+    """Assemble a `LlamaModel` from an engine-layout state dict, float32 or quantized.
+
+    Consumes `state` (entries are popped as they are used) so float32 weights are not held twice.
+    """
     from smallmighty.compress.quantize import quantized_linear_from_state
 
     def linear_from_state(state: dict[str, torch.Tensor], name: str) -> nn.Module:
         if f"{name}.weight" in state:
-            return DenseLinear(state[f"{name}.weight"], state.get(f"{name}.bias"))
+            return DenseLinear(state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None))
         return quantized_linear_from_state(state, name)
 
     def get(name: str) -> torch.Tensor:
         if name not in state:
             raise SlmError(f"weights for '{name}' are missing")
-        return state[name].float()
+        return state.pop(name).float()
 
     layers = [DecoderLayer(config, *(linear_from_state(state, f"layers.{i}.{n}")
                                      for n in ("qkv", "o", "gate_up", "down")),

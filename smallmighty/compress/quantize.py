@@ -93,22 +93,25 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] weight these codes stand for."""
-        return self.dequantize_rows(slice(None))
+        return self.weight_rows(slice(None))
 
-    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Float32 rows of the [out, in] weight: an embedding lookup when embeddings are tied."""
         raise NotImplementedError
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-bit kernel: bfloat16 [rows, in] -> bfloat16 [rows, out]."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
         """x [..., in] (any float type) -> [..., out], bfloat16 (float32 if the layer has a bias,
         which is added in float32 to keep its precision). `batched` (a decode step of several
         sequences) changes nothing here: the same kernel serves every batch size."""
-        y = self._fused(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = self._fused(rows.to(torch.bfloat16))
         if self.bias is not None:
             y = torch.add(self.bias, y)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(QuantizedLinear):
@@ -121,7 +124,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("_kernel_scale", self.scale.to(torch.bfloat16), persistent=False)
 
-    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +152,7 @@ class Int4Linear(QuantizedLinear):
         params = F.pad(params, (0, 0, 0, pad)).to(torch.bfloat16).contiguous()
         self.register_buffer("_kernel_params", params, persistent=False)
 
-    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int4(self.packed[rows], self.scale[rows], self.zero[rows])
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:

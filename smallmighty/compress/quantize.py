@@ -123,12 +123,17 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("_kernel_scale", self.scale.to(torch.bfloat16), persistent=False)
+        # torch's kernel reads inputs 16 at a time (and crashes otherwise): pad odd sizes with zeros.
+        self._pad = -self.in_features % 16
+        self.register_buffer("_kernel_weight", F.pad(self.qweight, (0, self._pad)), persistent=False)
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self._kernel_scale)
+        if self._pad:
+            x = F.pad(x, (0, self._pad))
+        return torch._weight_int8pack_mm(x, self._kernel_weight, self._kernel_scale)
 
 
 class Int4Linear(QuantizedLinear):

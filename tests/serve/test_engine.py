@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from smallmighty.errors import SlmError
+from smallmighty.models.llama import LlamaConfig
 from smallmighty.serve import engine as engine_module
 from smallmighty.serve.engine import Engine, _Text
 from smallmighty.serve.sampling import GenerationSettings
@@ -231,6 +232,16 @@ def test_quantized_engine_caches_weights_next_to_the_model_and_reuses_them(tmp_p
         got = second.model(ids, second.model.new_cache(1, 9), 0, second.model.rope(9)[None, :9, None])
     tolerance = {"int8": 0.05, "int4": 0.3}[precision]
     assert (got - ref).abs().max() < tolerance * ref.abs().max()
+
+
+def test_int4_keeps_int8_where_groups_do_not_fit(tmp_path):
+    # intermediate_size 80 is not a multiple of the int4 group (32): the down projections stay int8.
+    model_dir = make_model_dir(tmp_path / "m", intermediate_size=80)
+    plan = engine_module.quantization_plan(LlamaConfig.from_file(model_dir / "config.json"), "int4")
+    assert plan["layers.0.down"] == plan["lm_head"] == "int8"
+    assert plan["layers.0.qkv"] == plan["layers.1.gate_up"] == "int4"
+    engine = Engine.from_pretrained(model_dir, precision="int4")
+    assert len(engine.generate([PROMPTS[0]], GenerationSettings(max_new_tokens=3))[0]) >= 1
 
 
 def test_read_only_model_folder_caches_under_the_user_cache(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def _tokenizer():
 
 def make_model_dir(path: Path, **overrides) -> Path:
     """A random Llama (HF format) with a byte-level BPE tokenizer, EOS '</s>' and a chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer()
     eos = tok.token_to_id("</s>")
@@ -43,7 +43,7 @@ def make_model_dir(path: Path, **overrides) -> Path:
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, bos_token_id=tok.token_to_id("<s>"),
                   eos_token_id=eos, pad_token_id=eos, initializer_range=0.2)
-    config = LlamaConfig(**{**fields, **overrides})
+    config = HFLlamaConfig(**{**fields, **overrides})
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))

@@ -3,9 +3,12 @@
 Why weight-only: CPU decoding is bound by streaming weights from memory, so storing them in 8 or 4
 bits speeds every token up, while activations stay in floating point to keep accuracy.
 
-* int8: symmetric, one float32 scale per output row: w ~= q * scale, q in [-127, 127].
+* int8: symmetric, one scale per output row: w ~= q * scale, q in [-127, 127].
 * int4: asymmetric per group of `group_size` inputs: w ~= (q - 8) * scale + zero, q in [0, 15]
   (the convention of torch's int4 CPU kernel, so no conversion is needed at run time).
+
+Scales and zeros are bfloat16 values (stored as float32), as the kernels read them, so
+`dequantize_*` gives exactly the weights the kernels multiply by.
 
 Models are quantized as state dicts (`quantize_state`), which is also the on-disk form
 (`save_state` / `load_state`, safetensors): a Linear `X` stored as `X.weight` becomes `X.qweight` +
@@ -36,10 +39,16 @@ PRECISIONS = ("fp32", "int8", "int4")
 #: groups of 64/128 cost +54% wikitext-2 perplexity against +5% for 32, and were not faster.
 INT4_GROUP_SIZE = 32
 
+def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest bfloat16, kept as float32: the kernels read scales and zeros in
+    bfloat16, so choosing them there makes the stored codes mean exactly what the kernels compute."""
+    return x.to(torch.bfloat16).float()
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (q [N, K] int8, scale [N] float32)."""
+    """Symmetric per-row int8: returns (q [N, K] int8, scale [N] float32, a bfloat16 value)."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = _bf16_exact(w.abs().amax(dim=1).clamp(min=1e-30) / 127.0)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -57,11 +66,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
         raise SlmError(f"int4 needs layer inputs divisible by its group size {group_size}, got {k}")
     w = weight.float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=2), w.amax(dim=2)
-    scale = ((high - low) / 15.0).clamp(min=1e-12)
-    q = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    scale = _bf16_exact(((high - low) / 15.0).clamp(min=1e-30))
+    zero = _bf16_exact(low + 8 * scale)
+    q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, scale, low + 8 * scale
+    return packed, scale, zero
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from smallmighty.models.llama import (LlamaConfig, LlamaModel, additive_mask, hf
 from smallmighty.serve.sampling import GenerationSettings, TokenChooser
 
 #: Bump when the engine's weight layout changes, so stale quantized caches are rebuilt.
-CACHE_FORMAT = "smallmighty-llama-3"
+CACHE_FORMAT = "smallmighty-llama-4"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

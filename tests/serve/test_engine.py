@@ -228,10 +228,15 @@ def test_quantized_engine_caches_weights_next_to_the_model_and_reuses_them(tmp_p
     fp32 = Engine.from_pretrained(model_dir)
     with torch.inference_mode():
         ids = torch.tensor([PROMPTS[2]])
-        ref = fp32.model(ids, fp32.model.new_cache(1, 9), 0, fp32.model.rope(9)[None, :9, None])
-        got = second.model(ids, second.model.new_cache(1, 9), 0, second.model.rope(9)[None, :9, None])
-    tolerance = {"int8": 0.05, "int4": 0.3}[precision]
-    assert (got - ref).abs().max() < tolerance * ref.abs().max()
+        ref = fp32.model(ids, fp32.model.new_cache(1, 9), 0, fp32.model.rope(9)[None, :9, None],
+                         last_only=False)
+        got = second.model(ids, second.model.new_cache(1, 9), 0,
+                           second.model.rope(9)[None, :9, None], last_only=False)
+    # Relative RMS error of the logits. These random weights (std 0.2) amplify errors layer by
+    # layer: measured 4% for int8 and 34% for int4, while broken codes give over 100%. Real-model
+    # accuracy is the slow perplexity test below.
+    error = ((got - ref).pow(2).mean() / ref.pow(2).mean()).sqrt()
+    assert error < {"int8": 0.1, "int4": 0.5}[precision]
 
 
 def test_int4_keeps_int8_where_groups_do_not_fit(tmp_path):

@@ -3,9 +3,12 @@
 Why weight-only: CPU decoding is bound by streaming weights from memory, so storing them in 8 or 4
 bits speeds every token up, while activations stay in floating point to keep accuracy.
 
-* int8: symmetric, one float32 scale per output row: w ~= q * scale, q in [-127, 127].
+* int8: symmetric, one scale per output row: w ~= q * scale, q in [-127, 127].
 * int4: asymmetric per group of `group_size` inputs: w ~= (q - 8) * scale + zero, q in [0, 15]
   (the convention of torch's int4 CPU kernel, so no conversion is needed at run time).
+
+Scales and zeros are bfloat16 values (stored as float32), as the kernels read them, so
+`dequantize_*` gives exactly the weights the kernels multiply by.
 
 Models are quantized as state dicts (`quantize_state`), which is also the on-disk form
 (`save_state` / `load_state`, safetensors): a Linear `X` stored as `X.weight` becomes `X.qweight` +
@@ -36,10 +39,16 @@ PRECISIONS = ("fp32", "int8", "int4")
 #: groups of 64/128 cost +54% wikitext-2 perplexity against +5% for 32, and were not faster.
 INT4_GROUP_SIZE = 32
 
+def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest bfloat16, kept as float32: the kernels read scales and zeros in
+    bfloat16, so choosing them there makes the stored codes mean exactly what the kernels compute."""
+    return x.to(torch.bfloat16).float()
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (q [N, K] int8, scale [N] float32)."""
+    """Symmetric per-row int8: returns (q [N, K] int8, scale [N] float32, a bfloat16 value)."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    scale = _bf16_exact(w.abs().amax(dim=1).clamp(min=1e-30) / 127.0)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -57,11 +66,12 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
         raise SlmError(f"int4 needs layer inputs divisible by its group size {group_size}, got {k}")
     w = weight.float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=2), w.amax(dim=2)
-    scale = ((high - low) / 15.0).clamp(min=1e-12)
-    q = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    scale = _bf16_exact(((high - low) / 15.0).clamp(min=1e-30))
+    zero = _bf16_exact(low + 8 * scale)
+    q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, scale, low + 8 * scale
+    return packed, scale, zero
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -93,22 +103,25 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [out, in] weight these codes stand for."""
-        return self.dequantize_rows(slice(None))
+        return self.weight_rows(slice(None))
 
-    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Float32 rows of the [out, in] weight: an embedding lookup when embeddings are tied."""
         raise NotImplementedError
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-bit kernel: bfloat16 [rows, in] -> bfloat16 [rows, out]."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
         """x [..., in] (any float type) -> [..., out], bfloat16 (float32 if the layer has a bias,
         which is added in float32 to keep its precision). `batched` (a decode step of several
         sequences) changes nothing here: the same kernel serves every batch size."""
-        y = self._fused(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = self._fused(rows.to(torch.bfloat16))
         if self.bias is not None:
             y = torch.add(self.bias, y)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 class Int8Linear(QuantizedLinear):
@@ -120,12 +133,17 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("_kernel_scale", self.scale.to(torch.bfloat16), persistent=False)
+        # torch's kernel reads inputs 16 at a time (and crashes otherwise): pad odd sizes with zeros.
+        self._pad = -self.in_features % 16
+        self.register_buffer("_kernel_weight", F.pad(self.qweight, (0, self._pad)), persistent=False)
 
-    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self._kernel_scale)
+        if self._pad:
+            x = F.pad(x, (0, self._pad))
+        return torch._weight_int8pack_mm(x, self._kernel_weight, self._kernel_scale)
 
 
 class Int4Linear(QuantizedLinear):
@@ -149,7 +167,7 @@ class Int4Linear(QuantizedLinear):
         params = F.pad(params, (0, 0, 0, pad)).to(torch.bfloat16).contiguous()
         self.register_buffer("_kernel_params", params, persistent=False)
 
-    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int4(self.packed[rows], self.scale[rows], self.zero[rows])
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ weights plus the fixed cost of each operator call:
 * keys and values live in one pre-allocated cache per layer and are written with a single copy.
 
 Weights load from HF-format safetensors (`model.safetensors` or an index of shards) and are renamed
-into that layout by `hf_to_state`; `model_from_state` builds the module from such a state dict,
+into that layout by `hf_to_state`; `model_from_state` builds the model from such a state dict,
 float32 or quantized (see `smallmighty.compress.quantize`).
 """
 
@@ -204,7 +204,7 @@ class DenseLinear(nn.Module):
             y += self.bias
         return y
 
-    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of the [out, in] weight (the embedding lookup when embeddings are tied)."""
         return self.weight_t.index_select(1, rows.flatten()).t().reshape(*rows.shape, self.in_features)
 
@@ -287,7 +287,7 @@ class LlamaModel:
         """Rows of the embedding table for `ids`, as fresh float32 (the residual stream is updated in place)."""
         if self.embed is not None:
             return self.embed[ids]
-        return self.lm_head.dequantize_rows(ids)
+        return self.lm_head.weight_rows(ids)
 
     def rope(self, length: int) -> torch.Tensor:
         """The rotation table covering positions [0, length), grown on demand and kept."""
@@ -415,7 +415,7 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Lla
     """
     from smallmighty.compress.quantize import quantized_linear_from_state
 
-    def linear_from_state(state: dict[str, torch.Tensor], name: str) -> nn.Module:
+    def linear_from_state(name: str) -> nn.Module:
         if f"{name}.weight" in state:
             return DenseLinear(state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None))
         return quantized_linear_from_state(state, name)
@@ -425,9 +425,9 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Lla
             raise SlmError(f"weights for '{name}' are missing")
         return state.pop(name).float()
 
-    layers = [DecoderLayer(config, *(linear_from_state(state, f"layers.{i}.{n}")
+    layers = [DecoderLayer(config, *(linear_from_state(f"layers.{i}.{n}")
                                      for n in ("qkv", "o", "gate_up", "down")),
                            attn_norm=get(f"layers.{i}.attn_norm"), mlp_norm=get(f"layers.{i}.mlp_norm"))
               for i in range(config.num_hidden_layers)]
     embed = get("embed") if "embed" in state else None
-    return LlamaModel(config, embed, layers, get("norm"), linear_from_state(state, "lm_head"))
+    return LlamaModel(config, embed, layers, get("norm"), linear_from_state("lm_head"))

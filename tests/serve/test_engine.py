@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from smallmighty.errors import SlmError
+from smallmighty.models.llama import LlamaConfig
 from smallmighty.serve import engine as engine_module
 from smallmighty.serve.engine import Engine, _Text
 from smallmighty.serve.sampling import GenerationSettings
@@ -34,7 +35,7 @@ def _tokenizer():
 
 def make_model_dir(path: Path, **overrides) -> Path:
     """A random Llama (HF format) with a byte-level BPE tokenizer, EOS '</s>' and a chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer()
     eos = tok.token_to_id("</s>")
@@ -42,7 +43,7 @@ def make_model_dir(path: Path, **overrides) -> Path:
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=64, bos_token_id=tok.token_to_id("<s>"),
                   eos_token_id=eos, pad_token_id=eos, initializer_range=0.2)
-    config = LlamaConfig(**{**fields, **overrides})
+    config = HFLlamaConfig(**{**fields, **overrides})
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
@@ -227,10 +228,25 @@ def test_quantized_engine_caches_weights_next_to_the_model_and_reuses_them(tmp_p
     fp32 = Engine.from_pretrained(model_dir)
     with torch.inference_mode():
         ids = torch.tensor([PROMPTS[2]])
-        ref = fp32.model(ids, fp32.model.new_cache(1, 9), 0, fp32.model.rope(9)[None, :9, None])
-        got = second.model(ids, second.model.new_cache(1, 9), 0, second.model.rope(9)[None, :9, None])
-    tolerance = {"int8": 0.05, "int4": 0.3}[precision]
-    assert (got - ref).abs().max() < tolerance * ref.abs().max()
+        ref = fp32.model(ids, fp32.model.new_cache(1, 9), 0, fp32.model.rope(9)[None, :9, None],
+                         last_only=False)
+        got = second.model(ids, second.model.new_cache(1, 9), 0,
+                           second.model.rope(9)[None, :9, None], last_only=False)
+    # Relative RMS error of the logits. These random weights (std 0.2) amplify errors layer by
+    # layer: measured 4% for int8 and 34% for int4, while broken codes give over 100%. Real-model
+    # accuracy is the slow perplexity test below.
+    error = ((got - ref).pow(2).mean() / ref.pow(2).mean()).sqrt()
+    assert error < {"int8": 0.1, "int4": 0.5}[precision]
+
+
+def test_int4_keeps_int8_where_groups_do_not_fit(tmp_path):
+    # intermediate_size 80 is not a multiple of the int4 group (32): the down projections stay int8.
+    model_dir = make_model_dir(tmp_path / "m", intermediate_size=80)
+    plan = engine_module.quantization_plan(LlamaConfig.from_file(model_dir / "config.json"), "int4")
+    assert plan["layers.0.down"] == plan["lm_head"] == "int8"
+    assert plan["layers.0.qkv"] == plan["layers.1.gate_up"] == "int4"
+    engine = Engine.from_pretrained(model_dir, precision="int4")
+    assert len(engine.generate([PROMPTS[0]], GenerationSettings(max_new_tokens=3))[0]) >= 1
 
 
 def test_read_only_model_folder_caches_under_the_user_cache(tmp_path, monkeypatch):

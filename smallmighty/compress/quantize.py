@@ -113,10 +113,9 @@ class QuantizedLinear(nn.Module):
         """The low-bit kernel: bfloat16 [rows, in] -> bfloat16 [rows, out]."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (any float type) -> [..., out], bfloat16 (float32 if the layer has a bias,
-        which is added in float32 to keep its precision). `batched` (a decode step of several
-        sequences) changes nothing here: the same kernel serves every batch size."""
+        which is added in float32 to keep its precision)."""
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._fused(rows.to(torch.bfloat16))
         if self.bias is not None:

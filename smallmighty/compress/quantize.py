@@ -134,7 +134,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("_kernel_scale", self.scale.to(torch.bfloat16), persistent=False)
         # torch's kernel reads inputs 16 at a time (and crashes otherwise): pad odd sizes with zeros.
         self._pad = -self.in_features % 16
-        self.register_buffer("_kernel_weight", F.pad(self.qweight, (0, self._pad)), persistent=False)
+        padded = F.pad(self.qweight, (0, self._pad)) if self._pad else self.qweight
+        self.register_buffer("_kernel_weight", padded, persistent=False)
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])

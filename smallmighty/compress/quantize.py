@@ -113,10 +113,9 @@ class QuantizedLinear(nn.Module):
         """The low-bit kernel: bfloat16 [rows, in] -> bfloat16 [rows, out]."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] (any float type) -> [..., out], bfloat16 (float32 if the layer has a bias,
-        which is added in float32 to keep its precision). `batched` (a decode step of several
-        sequences) changes nothing here: the same kernel serves every batch size."""
+        which is added in float32 to keep its precision)."""
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._fused(rows.to(torch.bfloat16))
         if self.bias is not None:
@@ -135,7 +134,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("_kernel_scale", self.scale.to(torch.bfloat16), persistent=False)
         # torch's kernel reads inputs 16 at a time (and crashes otherwise): pad odd sizes with zeros.
         self._pad = -self.in_features % 16
-        self.register_buffer("_kernel_weight", F.pad(self.qweight, (0, self._pad)), persistent=False)
+        padded = F.pad(self.qweight, (0, self._pad)) if self._pad else self.qweight
+        self.register_buffer("_kernel_weight", padded, persistent=False)
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])

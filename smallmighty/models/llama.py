@@ -173,13 +173,13 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class DenseLinear(nn.Module):
-    """A float32 Linear layer that stores its weight transposed, [in, out].
+    """A float32 Linear layer whose weight is stored blocked for oneDNN's matmul.
 
-    Why: for one token at a time (a matrix-vector product) BLAS streams a [in, out] weight about
-    twice as fast as nn.Linear's [out, in] on the CPUs we measured, and decode time is that stream.
-    Decoding a batch of sequences (a few rows) is a different case: oneDNN on a blocked copy of
-    the weight runs 8 rows in about the time of 1 where MKL takes 2.5x, so batched steps use such
-    a copy, made on first use. Only engines that batch pay its memory.
+    Why: decode time is streaming the weights, and on a quiet 2-core AVX-512 CPU oneDNN on a
+    blocked weight streams at the full ~22 GB/s with both cores, for 1 row or 8 (batched
+    decoding costs little more than one sequence), while MKL's matrix-vector path stays on one
+    core (~16 GB/s) and nn.Linear's [out, in] layout reaches ~12 GB/s. Without oneDNN the weight
+    is kept transposed, [in, out], the best layout for MKL.
     """
 
     activation_dtype = torch.float32
@@ -187,26 +187,22 @@ class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.weight_t = nn.Parameter(weight.float().t().contiguous(), requires_grad=False)
+        weight = weight.float().contiguous()
+        if _ONEDNN:
+            # The second argument is the batch size oneDNN tunes the blocking for.
+            self.register_buffer("blocked", torch.ops.mkldnn._reorder_linear_weight(weight, 8))
+        else:
+            self.register_buffer("weight_t", weight.t().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self._blocked: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        """x [..., in] -> [..., out]; `batched` marks a decode step of several sequences."""
-        if batched and _ONEDNN:
-            if self._blocked is None:
-                # The second argument is the batch size oneDNN tunes the blocking for.
-                self._blocked = torch.ops.mkldnn._reorder_linear_weight(
-                    self.weight_t.t().contiguous(), 8)
-            return torch.ops.mkldnn._linear_pointwise(x, self._blocked, self.bias, "none", [], "")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        if _ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
         y = x @ self.weight_t
         if self.bias is not None:
             y += self.bias
         return y
-
-    def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of the [out, in] weight (the embedding lookup when embeddings are tied)."""
-        return self.weight_t.index_select(1, rows.flatten()).t().reshape(*rows.shape, self.in_features)
 
 
 class DecoderLayer:
@@ -241,28 +237,20 @@ class DecoderLayer:
         """
         b, t = batch, h.shape[0] // batch
         hq, hk, d, act = self.heads, self.kv_heads, self.head_dim, self.activation_dtype
-        many = b > 1 and t == 1
-        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps).to(act), many).float()
+        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps).to(act)).float()
         torch.view_as_complex(qkv[:, : (hq + hk) * d].view(b, t, *self.rope_pairs)).mul_(rope)
         kv_cache[:, :, start:start + t] = qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
         keys = kv_cache[:, :hk, : start + t]
         values = kv_cache[:, hk:, : start + t]
-        if t == 1:
-            # One query per row: grouped matmuls beat SDPA's per-call setup. Query heads sharing a
-            # key/value head are consecutive, so [B, kv_heads, group, d] is a free view.
-            scores = qkv[:, : hq * d].view(b, hk, hq // hk, d) @ keys.transpose(-1, -2)
-            if mask is not None:
-                scores += mask
-            attn = (scores.softmax(dim=-1) @ values).view(b, hq * d)
-        else:
-            q = qkv[:, : hq * d].view(b, t, hq, d).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                  is_causal=mask is None, scale=1.0,
-                                                  enable_gqa=hq != hk)
-            attn = attn.transpose(1, 2).reshape(b * t, hq * d)
-        h += self.o(attn.to(act), many)
-        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps).to(act), many)
-        h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]), many)
+        q = qkv[:, : hq * d].view(b, t, hq, d).transpose(1, 2)
+        # One query (decoding) sees the whole cache; several (a prompt from slot 0) are causal.
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              is_causal=mask is None and t > 1, scale=1.0,
+                                              enable_gqa=hq != hk)
+        attn = attn.transpose(1, 2).reshape(b * t, hq * d)
+        h += self.o(attn.to(act))
+        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps).to(act))
+        h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]))
         return h
 
 
@@ -275,8 +263,7 @@ class LlamaModel:
     def __init__(self, config: LlamaConfig, embed: torch.Tensor | None, layers: list[DecoderLayer],
                  norm: torch.Tensor, lm_head: nn.Module) -> None:
         self.config = config
-        # With tied embeddings the lookup table is the lm_head weight itself (possibly quantized),
-        # so no second copy is kept.
+        # With tied, quantized embeddings the lookup reads the lm_head's codes (`embed` is None).
         self.embed = embed
         self.layers = layers
         self.norm = norm
@@ -317,7 +304,7 @@ class LlamaModel:
         if last_only:
             h = h[:, -1]
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h.to(self.lm_head.activation_dtype), b > 1 and t == 1).float()
+        return self.lm_head(h.to(self.lm_head.activation_dtype)).float()
 
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -430,4 +417,6 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Lla
                            attn_norm=get(f"layers.{i}.attn_norm"), mlp_norm=get(f"layers.{i}.mlp_norm"))
               for i in range(config.num_hidden_layers)]
     embed = get("embed") if "embed" in state else None
+    if embed is None and "lm_head.weight" in state:
+        embed = state["lm_head.weight"].float()  # tied float32: the blocked lm_head has no rows
     return LlamaModel(config, embed, layers, get("norm"), linear_from_state("lm_head"))

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-lr", type=float, default=1e-4)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=None, help="default: the teacher's head size")
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--pooling", default="cls", choices=["cls", "mean"])
     parser.add_argument("--epochs", type=int, default=20)

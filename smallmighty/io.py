@@ -35,6 +35,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+_MISSING = object()
+
+
+def read_json(path: str | os.PathLike, default: Any = _MISSING) -> Any:
+    """Read a JSON file; a broken one is a `DataError` naming the file and line.
+
+    A missing file returns `default` when one is given (optional configs), else is an error that
+    names the file.
+    """
+    from smallmighty.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        if default is not _MISSING:
+            return default
+        raise DataError("file not found", file=str(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON ({err.msg})", file=str(path), line=err.lineno) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 text ({err.reason} at byte {err.start})", file=str(path)) from None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

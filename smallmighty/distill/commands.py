@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
+from smallmighty.evaluate.commands import add_evaluation_arguments
 from smallmighty.train.arguments import add_train_arguments, apply_recipe, train_config_from_args
 
 EXAMPLES = """examples:
@@ -34,10 +35,14 @@ def register(subparsers) -> None:
     sub.add_argument("--teacher-lr", type=float, default=1e-4, help="learning rate for that (default: 1e-4)")
     student = sub.add_argument_group("student shape")
     student.add_argument("--layers", type=int, default=2, help="transformer layers (default: 2)")
-    student.add_argument("--hidden", type=int, default=256, help="hidden width; the teacher's keeps its layers "
-                         "(default: 256)")
-    student.add_argument("--heads", type=int, default=None, help="attention heads (default: hidden / 64)")
-    student.add_argument("--ffn", type=int, default=None, help="feed-forward width (default: 4 x hidden)")
+    student.add_argument("--hidden", type=int, default=256,
+                         help="hidden width; a BERT teacher's most active channels are kept (default: 256)")
+    student.add_argument("--heads", type=int, default=None,
+                         help="attention heads (default: as many of the teacher's head size as fit, so the most "
+                              "active teacher heads are kept)")
+    student.add_argument("--ffn", type=int, default=None,
+                         help="feed-forward width; the most active teacher neurons are kept (default: the teacher's "
+                              "ratio to the width)")
     student.add_argument("--pooling", default="cls", choices=["cls", "mean"],
                          help="cls: a BERT student read out at [CLS]; mean: a ModernBERT student with mean pooling "
                               "(default: cls)")
@@ -58,11 +63,7 @@ def register(subparsers) -> None:
                     help="perturbed copies of each training text for the teacher to label (masked and swapped "
                          "words, n-grams); more data for the student at the cost of teacher time (default: 0)")
     kd.add_argument("--top-k", type=int, default=16, help="teacher logits kept in the cache per example (default: 16)")
-    evaluation = sub.add_argument_group("evaluation")
-    evaluation.add_argument("--runtime", default="onnx", choices=["torch", "onnx", "onnx-int8"],
-                            help="runtime both models are timed on (default: onnx, the fastest)")
-    evaluation.add_argument("--no-baseline", dest="baseline", action="store_false",
-                            help="skip the TF-IDF + logistic regression baseline")
+    add_evaluation_arguments(sub.add_argument_group("evaluation"))
     add_data_arguments(sub)
     add_train_arguments(sub, epochs=10, lr=5e-4)
     sub.set_defaults(handler=run, subparser=sub)

@@ -6,23 +6,22 @@ This is what `slm distill` runs; with no arguments it distils MiniLM-L6 on BBC N
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from smallmighty.data.classification import LabelledTexts
 from smallmighty.distill.classifier import DistillConfig, distill_classifier
+from smallmighty.io import read_json
 from smallmighty.train.finetune import finetune_classifier
 from smallmighty.train.loop import TrainConfig
 
 
 def teacher_matches(model: str, label_names: list[str]) -> bool:
     """Whether `model` is already a classifier for exactly these labels (a fine-tuned teacher)."""
-    config = Path(model) / "config.json"
-    if not config.exists():
+    data = read_json(Path(model) / "config.json", default=None)
+    if not isinstance(data, dict):
         return False
-    data = json.loads(config.read_text())
     id2label = data.get("id2label") or {}
     archs = data.get("architectures") or []
     return (any(a.endswith("ForSequenceClassification") for a in archs)
@@ -35,7 +34,7 @@ def run_pipeline(teacher: str, train: LabelledTexts, test: LabelledTexts, out_di
     """Fine-tune (if needed), distil, evaluate; returns the report card and writes it to `out_dir`."""
     from smallmighty.evaluate.card import (build_card, dataset_label, describe_model, evaluate_baseline,
                                            evaluate_classifier)
-    from smallmighty.evaluate.report import format_table, summarize, write_report
+    from smallmighty.evaluate.report import publish
 
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
@@ -63,9 +62,5 @@ def run_pipeline(teacher: str, train: LabelledTexts, test: LabelledTexts, out_di
     card = build_card(models, train, test, title=f"Distillation report: {dataset_label(test.source)}",
                       training={"teacher": str(teacher_dir), "student": info, "timings_s": timings,
                                 "teacher_train": asdict(teacher_train)})
-    json_path, html_path = write_report(out_dir, card)
-    print(format_table(card))
-    summary = summarize(card)
-    print(f"report: {html_path} (and {json_path})")
-    return {**card, "summary": summary}
+    return {**card, "summary": publish(out_dir, card)}
 

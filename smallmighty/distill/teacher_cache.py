@@ -67,21 +67,24 @@ class TeacherCache:
             "topk_indices": self.tensors["topk_indices"][index].long(),
             "hidden": {}, "attention": {},
         }
-        for j in self.hidden_layers:
-            packed = self.tensors[f"hidden.{j}"]
-            h = torch.zeros(len(index), width, packed.shape[-1])
-            for row, i in enumerate(index.tolist()):
-                n = int(self.lengths[i])
-                h[row, :n] = packed[self.offsets[i]: self.offsets[i] + n].float()
-            out["hidden"][j] = h
-        for j in self.attention_layers:
-            packed = self.tensors[f"attention.{j}"]
-            heads = packed.shape[0]
-            a = torch.zeros(len(index), heads, width, width)
-            for row, i in enumerate(index.tolist()):
-                n = int(self.lengths[i])
-                a[row, :, :n, :n] = packed[:, self.att_offsets[i]: self.att_offsets[i] + n * n].view(heads, n, n).float()
-            out["attention"][j] = a
+        lengths = self.lengths[index].unsqueeze(1)  # [B, 1]
+        pos = torch.arange(width)
+        if self.hidden_layers:
+            valid = pos < lengths  # [B, width]
+            rows = self.offsets[index].unsqueeze(1) + pos
+            for j in self.hidden_layers:
+                packed = self.tensors[f"hidden.{j}"]
+                out["hidden"][j] = packed[rows.clamp(max=len(packed) - 1)].float() * valid.unsqueeze(-1)
+        if self.attention_layers:
+            # Example i's map is stored row-major as n*n entries: entry (r, c) sits at offset + r*n + c.
+            r, c = pos.view(1, -1, 1), pos.view(1, 1, -1)
+            n = lengths.unsqueeze(-1)  # [B, 1, 1]
+            valid = (r < n) & (c < n)
+            cells = self.att_offsets[index].view(-1, 1, 1) + r * n + c
+            for j in self.attention_layers:
+                packed = self.tensors[f"attention.{j}"]  # [heads, total]
+                a = packed[:, cells.clamp(max=packed.shape[1] - 1)].float() * valid
+                out["attention"][j] = a.transpose(0, 1).contiguous()
         return out
 
 

@@ -17,6 +17,7 @@ from smallmighty.data.classification import LabelledTexts
 from smallmighty.evaluate.baseline import TfidfBaseline
 from smallmighty.evaluate.metrics import classification_metrics
 from smallmighty.evaluate.speed import hardware_info, latency_ms, profile_classifier, throughput_per_s
+from smallmighty.io import read_json
 from smallmighty.models.encoder import read_meta
 
 #: Test texts timed one at a time for batch-1 latency (the quality metrics use the whole split).
@@ -31,9 +32,7 @@ def disk_size_mb(path: Path) -> float:
 
 def describe_model(model_dir: str | Path) -> str:
     """A short name from the model's config, such as 'bert 6L-384'."""
-    import json
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = read_json(Path(model_dir) / "config.json")
     return f"{config.get('model_type', 'model')} {config.get('num_hidden_layers')}L-{config.get('hidden_size')}"
 
 

@@ -12,6 +12,14 @@ EXAMPLES = """examples:
 """
 
 
+def add_evaluation_arguments(parser) -> None:
+    """The runtime the models are timed on and the baseline switch (`slm eval` and `slm distill`)."""
+    parser.add_argument("--runtime", default="onnx", choices=["torch", "onnx", "onnx-int8"],
+                        help="runtime every model is timed on (default: onnx, the fastest)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the TF-IDF + logistic regression baseline")
+
+
 def register(subparsers) -> None:
     sub = subparsers.add_parser("eval", help="report card: quality, size, memory and speed of classifiers",
                                 description="Evaluate classifiers on the test split and write report.json and a "
@@ -22,10 +30,7 @@ def register(subparsers) -> None:
     sub.add_argument("--model", action="append", default=[], metavar="DIR",
                      help="a classifier folder to evaluate as a student (repeatable)")
     sub.add_argument("--teacher", default=None, metavar="DIR", help="the teacher classifier folder to compare with")
-    sub.add_argument("--runtime", default="onnx", choices=["torch", "onnx", "onnx-int8"],
-                     help="runtime every model is timed on (default: onnx)")
-    sub.add_argument("--no-baseline", dest="baseline", action="store_false",
-                     help="skip the TF-IDF + logistic regression baseline")
+    add_evaluation_arguments(sub)
     sub.add_argument("--out", default="runs/eval", help="folder for report.json and report.html (default: runs/eval)")
     add_data_arguments(sub)
     sub.set_defaults(handler=run)
@@ -36,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     from smallmighty.errors import SlmError
     from smallmighty.evaluate.card import build_card, dataset_label, evaluate_baseline, evaluate_classifier
-    from smallmighty.evaluate.report import format_table, write_report
+    from smallmighty.evaluate.report import publish
 
     if not args.model and not args.teacher:
         raise SlmError("nothing to evaluate: give --model DIR (and optionally --teacher DIR)")
@@ -51,7 +56,5 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline:
         models.append(evaluate_baseline(train, test))
     card = build_card(models, train, test, title=f"Report card: {dataset_label(test.source)}")
-    json_path, html_path = write_report(args.out, card)
-    print(format_table(card))
-    print(f"report: {html_path} (and {json_path})")
+    publish(args.out, card)
     return 0

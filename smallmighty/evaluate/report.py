@@ -401,3 +401,11 @@ def write_report(out_dir: str | Path, card: dict) -> tuple[Path, Path]:
     write_json(json_path, {**card, "summary": summary})
     write_text(html_path, render_html(card, summary))
     return json_path, html_path
+
+
+def publish(out_dir: str | Path, card: dict) -> dict:
+    """Write the report files, print the card's tables and where the report is; returns the summary."""
+    json_path, html_path = write_report(out_dir, card)
+    print(format_table(card))
+    print(f"report: {html_path} (and {json_path})")
+    return summarize(card)

@@ -13,7 +13,6 @@ It only does what a single-sentence classifier needs at inference: no dropout, n
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallmighty.errors import SlmError
+from smallmighty.io import read_json
 
 #: HF `hidden_act` names this forward implements, mapped to the same maths.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -183,10 +183,7 @@ def load_bert_classifier(model_dir: str | Path) -> BertClassifier:
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise SlmError(f"{model_dir} is not a saved classifier: {needed.name} is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SlmError(f"{config_path}: not valid JSON ({err})") from None
+    config = read_json(config_path)
     try:
         return from_hf_state_dict(config, load_file(weights_path))
     except SlmError as err:
@@ -217,8 +214,7 @@ class HFClassifierForward(nn.Module):
 def load_classifier_forward(model_dir: str | Path) -> nn.Module:
     """The fastest plain forward for a saved classifier: ours for BERT, transformers' otherwise."""
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type") if config_path.is_file() else None
+    model_type = read_json(model_dir / "config.json", default={}).get("model_type")
     if model_type in (None, "bert"):
         return load_bert_classifier(model_dir)
     from transformers import AutoModelForSequenceClassification

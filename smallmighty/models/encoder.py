@@ -2,9 +2,9 @@
 
 Students are plain `BertForSequenceClassification` models with a standard tokenizer, so
 `AutoModelForSequenceClassification.from_pretrained(out)` loads them anywhere. A student is built
-either from an explicit shape or by shrinking the teacher: keep every k-th layer (when the width is
-unchanged), narrow the width (embeddings initialised by PCA of the teacher's), and trim the
-vocabulary to the word pieces the training data uses.
+either from an explicit shape or by shrinking the teacher: keep every k-th layer, narrow the width by
+keeping the teacher's most active channels, heads and FFN neurons, and trim the vocabulary to the
+word pieces the training data uses.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from smallmighty.errors import SlmError
-from smallmighty.io import atomic_path
+from smallmighty.io import atomic_path, read_json
+from smallmighty.models.prune import Importance, activation_importance, can_prune, pruned_state_dict
 
 #: Written next to config.json: how the model was made and the sequence length it was trained at.
 META_FILE = "smallmighty.json"
@@ -97,8 +98,7 @@ def save_classifier(model: nn.Module, tokenizer, out_dir: str | Path, *, max_len
 
 
 def read_meta(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / META_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(Path(model_dir) / META_FILE, default={})
 
 
 @dataclass
@@ -116,10 +116,11 @@ class StudentShape:
 
     def resolve(self, teacher_config) -> "StudentShape":
         hidden = self.hidden or teacher_config.hidden_size
+        head_size = teacher_config.hidden_size // teacher_config.num_attention_heads
         if self.heads:
             heads = self.heads
-        elif hidden == teacher_config.hidden_size:
-            heads = teacher_config.num_attention_heads
+        elif hidden % head_size == 0:
+            heads = hidden // head_size  # the teacher's head size, so heads can be cut from the teacher's
         else:
             heads = max(1, hidden // 64)
         ffn = self.ffn or (teacher_config.intermediate_size * hidden // teacher_config.hidden_size)
@@ -180,9 +181,11 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
                   max_length: int = 64) -> tuple[nn.Module, object, dict]:
     """Make a BERT student for `teacher`'s labels, sharing (a trimmed copy of) its tokenizer.
 
-    With the teacher's width the student starts from the teacher's embeddings and from every k-th
-    teacher layer; with a narrower width its embeddings start from a PCA projection of the
-    teacher's and its layers from scratch. Returns (student, student_tokenizer, info).
+    From a BERT teacher the student is cut out of every k-th teacher block, keeping the residual
+    channels, heads and FFN neurons most active on the training texts (see `models.prune`), whole
+    blocks when the width is kept. Other teachers, or head sizes the teacher lacks, give a student
+    whose embeddings start from the teacher's (PCA-projected when narrower) and whose blocks start
+    from scratch. Returns (student, student_tokenizer, info).
     """
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -210,44 +213,61 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
         num_attention_heads=shape.heads,
         intermediate_size=shape.ffn,
         max_position_embeddings=max_length,
-        type_vocab_size=2,
-        hidden_act="gelu",
+        # As the teacher's where it has them, so that weights cut from it compute the same function.
+        type_vocab_size=getattr(tcfg, "type_vocab_size", 2),
+        hidden_act=getattr(tcfg, "hidden_act", "gelu"),
+        layer_norm_eps=getattr(tcfg, "layer_norm_eps", 1e-12),
         **common,
     )
     student = BertForSequenceClassification(config)
-    base = teacher.base_model
-    t_emb = base.embeddings
-    word = _teacher_word_embeddings(teacher, keep_ids)
-    pos = t_emb.position_embeddings.weight.detach()[:max_length]
-    types = (t_emb.token_type_embeddings.weight.detach()[:2] if hasattr(t_emb, "token_type_embeddings")
-             and t_emb.token_type_embeddings is not None else None)
-    s_emb = student.bert.embeddings
-    same_width = shape.hidden == tcfg.hidden_size
-    copied_layers: list[int] = []
-    with torch.no_grad():
-        if same_width:
-            s_emb.word_embeddings.weight.copy_(word)
-            s_emb.position_embeddings.weight.copy_(pos)
-            if types is not None:
-                s_emb.token_type_embeddings.weight.copy_(types)
-            s_emb.LayerNorm.load_state_dict(t_emb.LayerNorm.state_dict())
-            compatible = (tcfg.model_type == "bert" and shape.heads == tcfg.num_attention_heads
-                          and shape.ffn == tcfg.intermediate_size)
-            if compatible:
-                copied_layers = every_kth_layer(tcfg.num_hidden_layers, shape.layers)
-                for s_layer, t_index in zip(student.bert.encoder.layer, copied_layers):
-                    s_layer.load_state_dict(base.encoder.layer[t_index].state_dict())
-                if getattr(base, "pooler", None) is not None:
-                    student.bert.pooler.load_state_dict(base.pooler.state_dict())
-        else:
-            basis = _pca_basis(word, shape.hidden)
-            s_emb.word_embeddings.weight.copy_(word @ basis)
-            s_emb.position_embeddings.weight.copy_(pos @ basis)
-            if types is not None:
-                s_emb.token_type_embeddings.weight.copy_(types @ basis)
-    init = ("teacher layers " + str(copied_layers) if copied_layers else
-            ("teacher embeddings" if same_width else "PCA of teacher embeddings"))
+    if can_prune(tcfg, shape.hidden, shape.heads, shape.ffn, shape.layers):
+        blocks = every_kth_layer(tcfg.num_hidden_layers, shape.layers)
+        whole = (shape.hidden, shape.heads, shape.ffn) == (tcfg.hidden_size, tcfg.num_attention_heads,
+                                                           tcfg.intermediate_size)
+        importance = (_uniform_importance(tcfg) if whole
+                      else _measure_importance(teacher, tokenizer, train_texts, max_length))
+        student.load_state_dict(pruned_state_dict(teacher, student, importance, blocks, keep_ids), strict=False)
+        init = f"teacher blocks {blocks}" + ("" if whole else " pruned to the most active units")
+    else:
+        init = _init_embeddings_only(teacher, student, keep_ids, max_length)
     return student, student_tokenizer, _student_info(student, teacher, tokenizer, shape, keep_ids, init)
+
+
+def _init_embeddings_only(teacher: nn.Module, student: nn.Module, keep_ids: list[int], max_length: int) -> str:
+    """For students that cannot be cut from the teacher (another architecture, another head size):
+    start the embeddings from the teacher's, projected onto their top principal directions when
+    narrower, and the blocks from scratch."""
+    t_emb, s_emb = teacher.base_model.embeddings, student.bert.embeddings
+    word = _teacher_word_embeddings(teacher, keep_ids)
+    same_width = word.shape[1] == student.config.hidden_size
+    basis = torch.eye(word.shape[1]) if same_width else _pca_basis(word, student.config.hidden_size)
+    with torch.no_grad():
+        s_emb.word_embeddings.weight.copy_(word @ basis)
+        s_emb.position_embeddings.weight.copy_(t_emb.position_embeddings.weight.detach()[:max_length] @ basis)
+        types = getattr(t_emb, "token_type_embeddings", None)
+        n_types = s_emb.token_type_embeddings.weight.shape[0]
+        if types is not None and types.weight.shape[0] >= n_types:
+            s_emb.token_type_embeddings.weight.copy_(types.weight.detach()[:n_types] @ basis)
+    return "teacher embeddings" if same_width else "PCA of teacher embeddings"
+
+
+def _uniform_importance(tcfg) -> Importance:
+    """Every unit equally important: used when nothing is cut, so no measurement is needed."""
+    blocks = range(tcfg.num_hidden_layers)
+    return Importance(torch.ones(tcfg.hidden_size), [torch.ones(tcfg.num_attention_heads) for _ in blocks],
+                      [torch.ones(tcfg.intermediate_size) for _ in blocks])
+
+
+def _measure_importance(teacher: nn.Module, tokenizer, texts: list[str] | None, max_length: int,
+                        sample: int = 2048) -> Importance:
+    """Activation importance on (a seeded sample of) the training texts: a couple of thousand texts
+    rank the units as well as the whole set, in seconds."""
+    if not texts:
+        raise SlmError("cutting a narrower student out of the teacher needs the training texts")
+    chosen = texts if len(texts) <= sample else [texts[i] for i in torch.randperm(
+        len(texts), generator=torch.Generator().manual_seed(0))[:sample].tolist()]
+    ids = tokenizer(list(chosen), truncation=True, max_length=max_length)["input_ids"]
+    return activation_importance(teacher, ids, tokenizer.pad_token_id)
 
 
 def _student_info(student, teacher, tokenizer, shape: StudentShape, keep_ids: list[int], init: str) -> dict:

@@ -8,13 +8,13 @@ they differ in batch-1 speed: ONNX Runtime fp32 measured 2-3.5x and int8 7-9x fa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from smallmighty.errors import SlmError
+from smallmighty.io import read_json
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 #: ONNX Runtime intra-op threads. Batch-1 BERT ops are too small to split across the 2 cores here,
@@ -57,10 +57,7 @@ def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise SlmError(f"{model_dir} is not a saved classifier: config.json is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SlmError(f"{path}: not valid JSON ({err})") from None
+    config = read_json(path)
     if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         raise SlmError(f"{model_dir} holds no sequence classifier (architectures: "
                        f"{config.get('architectures')}); train or distill a classifier into it first")

@@ -65,7 +65,7 @@ def test_narrow_student_embeddings_come_from_pca_of_teacher(teacher):
 def test_same_width_student_copies_every_kth_teacher_layer(teacher):
     model, tokenizer = teacher
     student, _, info = build_student(model, tokenizer, StudentShape(layers=1, trim_vocab=False), max_length=32)
-    assert info["init"] == "teacher layers [1]"
+    assert info["init"] == "teacher blocks [1]"
     s_layer, t_layer = student.bert.encoder.layer[0], model.bert.encoder.layer[1]
     for (name, a), (_, b) in zip(s_layer.state_dict().items(), t_layer.state_dict().items()):
         assert torch.equal(a, b), name

@@ -129,7 +129,7 @@ def test_bad_runtime_and_bad_folders_are_clear_errors(tiny_encoder_dir, classifi
     with pytest.raises(SlmError, match="tokenizer has 30522 tokens but the model only 1000"):
         load_classifier(str(mismatched))
     (no_tokenizer / "config.json").write_text("{not json")
-    with pytest.raises(SlmError, match="config.json: not valid JSON"):
+    with pytest.raises(SlmError, match="config.json, line 1: not valid JSON"):
         load_classifier(str(no_tokenizer))
 
 

@@ -49,7 +49,7 @@ def ort_session(onnx_path: str | Path, threads: int | None = None):
 def _probe_inputs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random token batches of several sizes and lengths, with ragged padding, for checking an export."""
     gen = torch.Generator().manual_seed(0)
-    longest = min(model.shape.max_positions, 64)
+    longest = min(model.shape.max_positions - model.shape.position_offset, 64)
     batches = []
     for batch, length in ((1, min(7, longest)), (3, min(19, longest)), (5, longest)):
         ids = torch.randint(1, model.shape.vocab_size, (batch, length), generator=gen)

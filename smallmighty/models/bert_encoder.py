@@ -1,9 +1,13 @@
 """A plain-PyTorch BERT sequence classifier that runs the weights of a Hugging Face
-`BertForSequenceClassification` folder.
+`BertForSequenceClassification` folder, or of an `MPNetForSequenceClassification` one (the same
+post-LayerNorm encoder plus a relative-position bias).
 
 Why not just use transformers' model? Two reasons, both measured:
 - exporting transformers 5's BERT to ONNX with dynamic shapes gives logits that are wrong by 0.4-1.0,
   while this forward exports exactly (see `smallmighty.compress.onnx_export`);
+- the same holds for MPNet, whose log-spaced relative-position buckets come out differently in ONNX
+  Runtime's float maths at bucket edges (logits off by ~0.03); here the bucket of every relative
+  position is computed once, in torch, and stored, so the export is exact;
 - at batch 1 and ~15 tokens, eager latency is mostly per-operator Python overhead, and this forward
   runs fewer operators (no dropout or mask-building machinery, token type folded into the position table).
 
@@ -47,13 +51,19 @@ class BertShape:
     layer_norm_eps: float
     hidden_act: str
     num_labels: int
+    model_type: str = "bert"
+    #: Rows of the position table before the first token's (MPNet: its padding id + 1).
+    position_offset: int = 0
+    #: Relative-position buckets added to the attention scores (MPNet); 0 = none (BERT).
+    relative_buckets: int = 0
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any] | Any) -> "BertShape":
-        """Read an HF BERT config (a `PretrainedConfig` or the dict of its config.json)."""
+        """Read an HF BERT or MPNet config (a `PretrainedConfig` or the dict of its config.json)."""
         cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        if cfg.get("model_type") != "bert":
-            raise SlmError(f"expected a BERT config (model_type 'bert'), got {cfg.get('model_type')!r}")
+        model_type = cfg.get("model_type")
+        if model_type not in ("bert", "mpnet"):
+            raise SlmError(f"expected a BERT or MPNet config, got model_type {model_type!r}")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise SlmError(f"only absolute position embeddings are supported, got "
                            f"{cfg['position_embedding_type']!r}")
@@ -66,6 +76,9 @@ class BertShape:
             num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
             intermediate_size=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
             layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), hidden_act=act, num_labels=num_labels,
+            model_type=model_type,
+            position_offset=cfg.get("pad_token_id", 1) + 1 if model_type == "mpnet" else 0,
+            relative_buckets=cfg.get("relative_attention_num_buckets", 32) if model_type == "mpnet" else 0,
         )
 
 
@@ -103,6 +116,17 @@ class EncoderLayer(nn.Module):
         return self.ln_ffn(x + self.ffn_out(self.act(self.ffn_in(x))))
 
 
+def relative_position_buckets(relative: torch.Tensor, num_buckets: int, max_distance: int = 128) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) buckets for key position minus query position: half the buckets
+    per direction, exact up to a quarter of them, log-spaced beyond up to `max_distance`."""
+    half = num_buckets // 2
+    exact = half // 2
+    n = relative.abs()
+    far = exact + (torch.log(n.float() / exact) / math.log(max_distance / exact) * (half - exact)).to(torch.long)
+    far = torch.clamp(far, max=half - 1)
+    return (relative > 0).to(torch.long) * half + torch.where(n < exact, n, far)
+
+
 class BertClassifier(nn.Module):
     """Embeddings -> encoder layers -> tanh pooler on [CLS] -> linear classifier, returning logits."""
 
@@ -116,19 +140,53 @@ class BertClassifier(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(s) for _ in range(s.num_layers))
         self.pooler = nn.Linear(s.hidden_size, s.hidden_size)
         self.classifier = nn.Linear(s.hidden_size, s.num_labels)
+        if s.relative_buckets:
+            self.relative = nn.Embedding(s.relative_buckets, s.num_heads)
+            longest = s.max_positions - s.position_offset
+            # Bucket of every relative position -(longest-1)..longest-1, fixed once in torch's maths.
+            self.register_buffer("relative_index", relative_position_buckets(
+                torch.arange(-(longest - 1), longest), s.relative_buckets), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: int64 [batch, seq] -> logits float32 [batch, num_labels]."""
-        x = self.ln_emb(self.word(input_ids) + self.position.weight[: input_ids.shape[1]])
+        t = input_ids.shape[1]
+        offset = self.shape.position_offset
+        x = self.ln_emb(self.word(input_ids) + self.position.weight[offset: offset + t])
         dtype = x.dtype
         mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        if self.shape.relative_buckets:
+            positions = torch.arange(t, device=input_ids.device)
+            relative = positions[None, :] - positions[:, None] + (len(self.relative_index) + 1) // 2 - 1
+            mask = mask + self.relative(self.relative_index[relative]).permute(2, 0, 1)  # [heads, q, k]
         for layer in self.layers:
             x = layer(x, mask)
         return self.classifier(torch.tanh(self.pooler(x[:, 0])))
 
 
+def _mpnet_to_ours(shape: BertShape, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename HF `MPNetForSequenceClassification` tensors to ours (its head is our pooler + classifier)."""
+    e = "mpnet.embeddings."
+    out = {
+        "word.weight": sd[e + "word_embeddings.weight"], "position.weight": sd[e + "position_embeddings.weight"],
+        "ln_emb.weight": sd[e + "LayerNorm.weight"], "ln_emb.bias": sd[e + "LayerNorm.bias"],
+        "relative.weight": sd["mpnet.encoder.relative_attention_bias.weight"],
+        "pooler.weight": sd["classifier.dense.weight"], "pooler.bias": sd["classifier.dense.bias"],
+        "classifier.weight": sd["classifier.out_proj.weight"], "classifier.bias": sd["classifier.out_proj.bias"],
+    }
+    names = {"query": "attention.attn.q", "key": "attention.attn.k", "value": "attention.attn.v",
+             "attn_out": "attention.attn.o", "ln_attn": "attention.LayerNorm", "ffn_in": "intermediate.dense",
+             "ffn_out": "output.dense", "ln_ffn": "output.LayerNorm"}
+    for i in range(shape.num_layers):
+        for ours, theirs in names.items():
+            for p in ("weight", "bias"):
+                out[f"layers.{i}.{ours}.{p}"] = sd[f"mpnet.encoder.layer.{i}.{theirs}.{p}"]
+    return out
+
+
 def _hf_to_ours(shape: BertShape, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename (and stack/fold where needed) HF `BertForSequenceClassification` tensors to ours."""
+    if shape.model_type == "mpnet":
+        return _mpnet_to_ours(shape, sd)
     e = "bert.embeddings."
     out = {
         "word.weight": sd[e + "word_embeddings.weight"],
@@ -158,8 +216,8 @@ def from_hf_state_dict(config: Mapping[str, Any] | Any,
     (`bert.embeddings...`, `classifier.weight`), as in a saved model.safetensors.
     """
     shape = BertShape.from_hf(config)
-    if "classifier.weight" not in state_dict:
-        raise SlmError("the weights have no 'classifier.weight': not a BertForSequenceClassification")
+    if not any(name.startswith("classifier.") for name in state_dict):
+        raise SlmError("the weights have no classifier head: not a sequence classifier")
     try:
         ours = _hf_to_ours(shape, state_dict)
     except KeyError as missing:
@@ -212,10 +270,10 @@ class HFClassifierForward(nn.Module):
 
 
 def load_classifier_forward(model_dir: str | Path) -> nn.Module:
-    """The fastest plain forward for a saved classifier: ours for BERT, transformers' otherwise."""
+    """The fastest plain forward for a saved classifier: ours for BERT and MPNet, transformers' otherwise."""
     model_dir = Path(model_dir)
     model_type = read_json(model_dir / "config.json", default={}).get("model_type")
-    if model_type in (None, "bert"):
+    if model_type in (None, "bert", "mpnet"):
         return load_bert_classifier(model_dir)
     from transformers import AutoModelForSequenceClassification
 

@@ -1,7 +1,8 @@
 """Encoder classifiers: load a Hugging Face teacher, build a small student, save both in standard format.
 
-Students are plain `BertForSequenceClassification` models with a standard tokenizer, so
-`AutoModelForSequenceClassification.from_pretrained(out)` loads them anywhere. A student is built
+Students are standard transformers classifiers (the teacher's family when cut from a BERT or MPNet
+teacher, else BERT) with a standard tokenizer, so `AutoModelForSequenceClassification.from_pretrained(out)`
+loads them anywhere. A student is built
 either from an explicit shape or by shrinking the teacher: keep every k-th layer, narrow the width by
 keeping the teacher's most active channels, heads and FFN neurons, and trim the vocabulary to the
 word pieces the training data uses.
@@ -9,6 +10,7 @@ word pieces the training data uses.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,8 @@ from torch import nn
 
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path, read_json
-from smallmighty.models.prune import Importance, activation_importance, can_prune, pruned_state_dict
+from smallmighty.models.prune import (Importance, activation_importance, can_prune, position_offset,
+                                      pruned_state_dict)
 
 #: Written next to config.json: how the model was made and the sequence length it was trained at.
 META_FILE = "smallmighty.json"
@@ -179,15 +182,15 @@ def _pca_basis(matrix: torch.Tensor, dim: int) -> torch.Tensor:
 
 def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_texts: list[str] | None = None,
                   max_length: int = 64) -> tuple[nn.Module, object, dict]:
-    """Make a BERT student for `teacher`'s labels, sharing (a trimmed copy of) its tokenizer.
+    """Make a student for `teacher`'s labels, sharing (a trimmed copy of) its tokenizer.
 
-    From a BERT teacher the student is cut out of every k-th teacher block, keeping the residual
+    From a BERT or MPNet teacher the student is cut out of every k-th teacher block, keeping the residual
     channels, heads and FFN neurons most active on the training texts (see `models.prune`), whole
     blocks when the width is kept. Other teachers, or head sizes the teacher lacks, give a student
     whose embeddings start from the teacher's (PCA-projected when narrower) and whose blocks start
     from scratch. Returns (student, student_tokenizer, info).
     """
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     from smallmighty.distill.layer_map import every_kth_layer
 
@@ -206,21 +209,14 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
                   pad_token_id=student_tokenizer.pad_token_id)
     if shape.pooling == "mean":
         return _build_mean_pooled_student(teacher, tokenizer, student_tokenizer, keep_ids, shape, max_length, common)
-    config = BertConfig(
-        vocab_size=len(keep_ids),
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        intermediate_size=shape.ffn,
-        max_position_embeddings=max_length,
-        # As the teacher's where it has them, so that weights cut from it compute the same function.
-        type_vocab_size=getattr(tcfg, "type_vocab_size", 2),
-        hidden_act=getattr(tcfg, "hidden_act", "gelu"),
-        layer_norm_eps=getattr(tcfg, "layer_norm_eps", 1e-12),
-        **common,
-    )
-    student = BertForSequenceClassification(config)
+    sizes = dict(vocab_size=len(keep_ids), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+                 num_attention_heads=shape.heads, intermediate_size=shape.ffn)
     if can_prune(tcfg, shape.hidden, shape.heads, shape.ffn, shape.layers):
+        # The teacher's own family and settings (activation, LayerNorm epsilon, position scheme), so
+        # that the weights cut from it compute the same function.
+        config = copy.deepcopy(tcfg)
+        config.update(dict(**sizes, max_position_embeddings=max_length + position_offset(tcfg), **common))
+        student = AutoModelForSequenceClassification.from_config(config)
         blocks = every_kth_layer(tcfg.num_hidden_layers, shape.layers)
         whole = (shape.hidden, shape.heads, shape.ffn) == (tcfg.hidden_size, tcfg.num_attention_heads,
                                                            tcfg.intermediate_size)
@@ -229,14 +225,15 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
         student.load_state_dict(pruned_state_dict(teacher, student, importance, blocks, keep_ids), strict=False)
         init = f"teacher blocks {blocks}" + ("" if whole else " pruned to the most active units")
     else:
+        student = BertForSequenceClassification(BertConfig(**sizes, max_position_embeddings=max_length, **common))
         init = _init_embeddings_only(teacher, student, keep_ids, max_length)
     return student, student_tokenizer, _student_info(student, teacher, tokenizer, shape, keep_ids, init)
 
 
 def _init_embeddings_only(teacher: nn.Module, student: nn.Module, keep_ids: list[int], max_length: int) -> str:
-    """For students that cannot be cut from the teacher (another architecture, another head size):
-    start the embeddings from the teacher's, projected onto their top principal directions when
-    narrower, and the blocks from scratch."""
+    """For students that cannot be cut from the teacher (another family, another head size): a BERT
+    student whose embeddings start from the teacher's, projected onto their top principal directions
+    when narrower, and whose blocks start from scratch."""
     t_emb, s_emb = teacher.base_model.embeddings, student.bert.embeddings
     word = _teacher_word_embeddings(teacher, keep_ids)
     same_width = word.shape[1] == student.config.hidden_size

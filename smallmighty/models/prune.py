@@ -1,4 +1,4 @@
-"""Cut a student out of a BERT teacher: fewer layers, residual channels, heads and FFN neurons.
+"""Cut a student out of a BERT or MPNet teacher: fewer layers, residual channels, heads and FFN neurons.
 
 Why: a narrow student whose layers start from random weights has to learn the task from a few
 thousand labelled texts, and a 2-4 layer transformer trained from scratch on that little data lands
@@ -21,35 +21,72 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-#: Which index set slices each dimension of a parameter inside a transformer block, by name suffix:
-#: "heads" = the kept attention-head dimensions, "channels" = the kept residual channels,
-#: "neurons" = the kept FFN neurons.
-_BLOCK_SLICES: dict[str, tuple[str, ...]] = {
-    **{f"attention.self.{p}.weight": ("heads", "channels") for p in ("query", "key", "value")},
-    **{f"attention.self.{p}.bias": ("heads",) for p in ("query", "key", "value")},
-    "attention.output.dense.weight": ("channels", "heads"),
-    "attention.output.dense.bias": ("channels",),
-    "attention.output.LayerNorm.weight": ("channels",),
-    "attention.output.LayerNorm.bias": ("channels",),
-    "intermediate.dense.weight": ("neurons", "channels"),
-    "intermediate.dense.bias": ("neurons",),
-    "output.dense.weight": ("channels", "neurons"),
-    "output.dense.bias": ("channels",),
-    "output.LayerNorm.weight": ("channels",),
-    "output.LayerNorm.bias": ("channels",),
+@dataclass(frozen=True)
+class Layout:
+    """Where one model family keeps what pruning reads and slices.
+
+    Slice tables map a parameter name to the index set that slices each of its dimensions:
+    "head_dims" = the kept attention heads' dimensions, "heads" = the kept heads themselves,
+    "channels" = the kept residual channels, "neurons" = the kept FFN neurons, "vocab" = the kept
+    word pieces, "positions" = the student's position rows, None = the whole dimension. Block
+    names are relative to a block; outer names are full state-dict names.
+    """
+
+    attention_out: str  # the module inside a block whose input is the concatenated head outputs
+    layer_norms: tuple[str, ...]  # the LayerNorms inside a block (their outputs are the residual stream)
+    ffn_out: str  # the module inside a block whose input is the FFN activations
+    block_slices: dict[str, tuple[str, ...]]
+    outer_slices: dict[str, tuple[str | None, ...]]
+    #: Heads chosen once for every block: MPNet's relative-position bias is one table for all blocks.
+    shared_heads: bool = False
+
+
+def _block_slices(q: str, k: str, v: str, o: str, attention_norm: str) -> dict[str, tuple[str, ...]]:
+    return {
+        **{f"{name}.weight": ("head_dims", "channels") for name in (q, k, v)},
+        **{f"{name}.bias": ("head_dims",) for name in (q, k, v)},
+        f"{o}.weight": ("channels", "head_dims"), f"{o}.bias": ("channels",),
+        f"{attention_norm}.weight": ("channels",), f"{attention_norm}.bias": ("channels",),
+        "intermediate.dense.weight": ("neurons", "channels"), "intermediate.dense.bias": ("neurons",),
+        "output.dense.weight": ("channels", "neurons"), "output.dense.bias": ("channels",),
+        "output.LayerNorm.weight": ("channels",), "output.LayerNorm.bias": ("channels",),
+    }
+
+
+def _embedding_slices(prefix: str) -> dict[str, tuple[str | None, ...]]:
+    return {f"{prefix}.embeddings.word_embeddings.weight": ("vocab", "channels"),
+            f"{prefix}.embeddings.position_embeddings.weight": ("positions", "channels"),
+            f"{prefix}.embeddings.LayerNorm.weight": ("channels",),
+            f"{prefix}.embeddings.LayerNorm.bias": ("channels",)}
+
+
+LAYOUTS: dict[str, Layout] = {
+    "bert": Layout(
+        attention_out="attention.output.dense", layer_norms=("attention.output.LayerNorm", "output.LayerNorm"),
+        ffn_out="output.dense",
+        block_slices=_block_slices("attention.self.query", "attention.self.key", "attention.self.value",
+                                   "attention.output.dense", "attention.output.LayerNorm"),
+        outer_slices={**_embedding_slices("bert"),
+                      "bert.embeddings.token_type_embeddings.weight": (None, "channels"),
+                      "bert.pooler.dense.weight": ("channels", "channels"), "bert.pooler.dense.bias": ("channels",),
+                      "classifier.weight": (None, "channels"), "classifier.bias": (None,)}),
+    "mpnet": Layout(
+        attention_out="attention.attn.o", layer_norms=("attention.LayerNorm", "output.LayerNorm"),
+        ffn_out="output.dense",
+        block_slices=_block_slices("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+                                   "attention.LayerNorm"),
+        outer_slices={**_embedding_slices("mpnet"),
+                      "mpnet.encoder.relative_attention_bias.weight": (None, "heads"),
+                      "classifier.dense.weight": ("channels", "channels"), "classifier.dense.bias": ("channels",),
+                      "classifier.out_proj.weight": (None, "channels"), "classifier.out_proj.bias": (None,)},
+        shared_heads=True),
 }
 
-#: The same for parameters outside the blocks; "vocab" = the kept word pieces, "positions" = the
-#: first max_length positions, None = the whole dimension.
-_OUTER_SLICES: dict[str, tuple[str | None, ...]] = {
-    "embeddings.word_embeddings.weight": ("vocab", "channels"),
-    "embeddings.position_embeddings.weight": ("positions", "channels"),
-    "embeddings.token_type_embeddings.weight": (None, "channels"),
-    "embeddings.LayerNorm.weight": ("channels",),
-    "embeddings.LayerNorm.bias": ("channels",),
-    "pooler.dense.weight": ("channels", "channels"),
-    "pooler.dense.bias": ("channels",),
-}
+
+def position_offset(config) -> int:
+    """Rows of the position table before the first token's: MPNet counts positions from its
+    padding id + 1, BERT from 0."""
+    return config.pad_token_id + 1 if config.model_type == "mpnet" else 0
 
 
 @dataclass
@@ -62,10 +99,10 @@ class Importance:
 
 
 def can_prune(teacher_config, hidden: int, heads: int, ffn: int, layers: int) -> bool:
-    """Whether a student of this shape can be cut out of this teacher: a BERT teacher at least as
-    large in every dimension, and student heads of the teacher's head size."""
+    """Whether a student of this shape can be cut out of this teacher: a teacher of a family in
+    `LAYOUTS`, at least as large in every dimension, and student heads of the teacher's head size."""
     head_size = teacher_config.hidden_size // teacher_config.num_attention_heads
-    return (teacher_config.model_type == "bert" and hidden <= teacher_config.hidden_size
+    return (teacher_config.model_type in LAYOUTS and hidden <= teacher_config.hidden_size
             and heads * head_size == hidden and ffn <= teacher_config.intermediate_size
             and layers <= teacher_config.num_hidden_layers)
 
@@ -73,13 +110,14 @@ def can_prune(teacher_config, hidden: int, heads: int, ffn: int, layers: int) ->
 @torch.no_grad()
 def activation_importance(model: nn.Module, input_ids: list[list[int]], pad_id: int, *,
                           batch_size: int = 64) -> Importance:
-    """Run the BERT `model` over `input_ids` and measure every channel, head and FFN neuron.
+    """Run `model` (a family in `LAYOUTS`) over `input_ids` and measure every channel, head and FFN neuron.
 
     Padding positions are left out of every mean: they are most of a short-text batch and carry
     no signal the student needs.
     """
-    bert = model.base_model
+    base = model.base_model
     config = model.config
+    layout = LAYOUTS[config.model_type]
     head_size = config.hidden_size // config.num_attention_heads
     n_blocks = config.num_hidden_layers
     channels = torch.zeros(config.hidden_size)
@@ -106,12 +144,11 @@ def activation_importance(model: nn.Module, input_ids: list[list[int]], pad_id: 
             neurons[block].add_(masked_mean(inputs[0].abs()).cpu())
         return hook
 
-    handles = [bert.embeddings.LayerNorm.register_forward_hook(add_channels)]
-    for b, layer in enumerate(bert.encoder.layer):
-        handles += [layer.attention.output.LayerNorm.register_forward_hook(add_channels),
-                    layer.output.LayerNorm.register_forward_hook(add_channels),
-                    layer.attention.output.dense.register_forward_pre_hook(add_heads(b)),
-                    layer.output.dense.register_forward_pre_hook(add_neurons(b))]
+    handles = [base.embeddings.LayerNorm.register_forward_hook(add_channels)]
+    for b, layer in enumerate(base.encoder.layer):
+        handles += [layer.get_submodule(name).register_forward_hook(add_channels) for name in layout.layer_norms]
+        handles += [layer.get_submodule(layout.attention_out).register_forward_pre_hook(add_heads(b)),
+                    layer.get_submodule(layout.ffn_out).register_forward_pre_hook(add_neurons(b))]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -124,7 +161,7 @@ def activation_importance(model: nn.Module, input_ids: list[list[int]], pad_id: 
                 ids[row, :len(seq)] = torch.tensor(seq)
             mask = (torch.arange(width) < torch.tensor([len(s) for s in chunk]).unsqueeze(1)).to(device)
             state["mask"] = mask.float()
-            bert(input_ids=ids.to(device), attention_mask=mask.long())
+            base(input_ids=ids.to(device), attention_mask=mask.long())
     finally:
         for handle in handles:
             handle.remove()
@@ -147,33 +184,27 @@ def _take(tensor: torch.Tensor, indices: tuple[torch.Tensor | None, ...]) -> tor
 def pruned_state_dict(teacher: nn.Module, student: nn.Module, importance: Importance, blocks: list[int],
                       keep_ids: list[int]) -> dict[str, torch.Tensor]:
     """The student's weights cut from the teacher's: student block i comes from teacher block
-    `blocks[i]`, the embedding rows are the `keep_ids` word pieces, and the classifier reads the
-    kept channels. `student` only supplies the target shape."""
+    `blocks[i]`, the embedding rows are the `keep_ids` word pieces, and the head reads the kept
+    channels. `student` (same family, smaller config) only supplies the target shape; parameters
+    the teacher lacks keep the student's own initialisation."""
     scfg, tcfg = student.config, teacher.config
+    layout = LAYOUTS[tcfg.model_type]
     head_size = tcfg.hidden_size // tcfg.num_attention_heads
-    channels = _top(importance.channels, scfg.hidden_size)
-    index = {"channels": channels, "vocab": torch.tensor(keep_ids),
-             "positions": torch.arange(scfg.max_position_embeddings), None: None}
-    prefix = teacher.base_model_prefix
+    shared_heads = _top(sum(importance.heads[b] for b in blocks), scfg.num_attention_heads)
+    index = {"channels": _top(importance.channels, scfg.hidden_size), "vocab": torch.tensor(keep_ids),
+             "positions": torch.arange(scfg.max_position_embeddings), "heads": shared_heads, None: None}
+    block_prefix = f"{teacher.base_model_prefix}.encoder.layer."
     teacher_weights = teacher.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for name, value in student.state_dict().items():
-        inner = name.removeprefix(prefix + ".")
-        if inner.startswith("encoder.layer."):
-            s_block, suffix = inner.removeprefix("encoder.layer.").split(".", 1)
+    for name in student.state_dict():
+        if name.startswith(block_prefix):
+            s_block, suffix = name.removeprefix(block_prefix).split(".", 1)
             t_block = blocks[int(s_block)]
-            kept_heads = _top(importance.heads[t_block], scfg.num_attention_heads)
+            heads = shared_heads if layout.shared_heads else _top(importance.heads[t_block], scfg.num_attention_heads)
             block_index = {**index, "neurons": _top(importance.neurons[t_block], scfg.intermediate_size),
-                           "heads": (kept_heads.unsqueeze(1) * head_size + torch.arange(head_size)).flatten()}
-            source = f"{prefix}.encoder.layer.{t_block}.{suffix}"
-            sliced = _take(teacher_weights[source], tuple(block_index[k] for k in _BLOCK_SLICES[suffix]))
-        elif inner in _OUTER_SLICES:
-            sliced = _take(teacher_weights[name], tuple(index[k] for k in _OUTER_SLICES[inner]))
-        elif name == "classifier.weight":
-            sliced = _take(teacher_weights[name], (None, channels))
-        elif name in teacher_weights and teacher_weights[name].shape == value.shape:
-            sliced = teacher_weights[name].clone()  # classifier bias, position-id buffers
-        else:
-            continue  # leave the student's own initialisation (e.g. a pooler the teacher lacks)
-        out[name] = sliced
+                           "head_dims": (heads.unsqueeze(1) * head_size + torch.arange(head_size)).flatten()}
+            source = f"{block_prefix}{t_block}.{suffix}"
+            out[name] = _take(teacher_weights[source], tuple(block_index[k] for k in layout.block_slices[suffix]))
+        elif name in layout.outer_slices and name in teacher_weights:
+            out[name] = _take(teacher_weights[name], tuple(index[k] for k in layout.outer_slices[name]))
     return out

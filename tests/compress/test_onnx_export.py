@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
 
 from smallmighty.compress import onnx_export
 from smallmighty.compress.onnx_export import export_onnx, ort_session, quantize_onnx_int8
@@ -57,6 +57,43 @@ def test_hand_written_forward_matches_transformers_on_padded_batch(hidden_act):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def random_mpnet_classifier() -> MPNetForSequenceClassification:
+    """A tiny random MPNet classifier (padding id 1, positions offset by 2, relative-position bias)."""
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=500, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=42, initializer_range=0.2, num_labels=3)
+    return MPNetForSequenceClassification(config).eval()
+
+
+def mpnet_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """MPNet derives positions from the ids, so padding must be its padding id and no real token may be."""
+    ids, mask = ragged_batch(498, lengths, seed)
+    return torch.where(mask.bool(), ids + 1, torch.ones_like(ids)), mask
+
+
+def test_hand_written_forward_matches_transformers_mpnet():
+    hf = random_mpnet_classifier()
+    ours = from_hf_state_dict(hf.config, hf.state_dict())
+    ids, mask = mpnet_batch([17, 9, 1, 40])  # 40 tokens: relative distances out to the far buckets
+    with torch.inference_mode():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, mask)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mpnet_export_is_exact_where_transformers_export_is_not(tmp_path):
+    hf = random_mpnet_classifier()
+    hf.save_pretrained(tmp_path)
+    session = ort_session(export_onnx(tmp_path), threads=1)
+    for lengths in ([3], [40, 12], [5, 5, 2, 33, 21, 8]):
+        ids, mask = mpnet_batch(lengths, seed=len(lengths))
+        got = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        with torch.inference_mode():
+            expected = hf(input_ids=ids, attention_mask=mask).logits.numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_padding_does_not_change_a_rows_logits(saved_classifier):
     path, _ = saved_classifier
     model = load_bert_classifier(path)
@@ -74,7 +111,7 @@ def test_load_rejects_folders_without_a_classifier(tmp_path):
         load_bert_classifier(tmp_path)
     hf = random_bert_classifier()
     hf.bert.save_pretrained(tmp_path)  # an encoder only: no classifier head
-    with pytest.raises(SlmError, match="classifier.weight"):
+    with pytest.raises(SlmError, match="no classifier head"):
         load_bert_classifier(tmp_path)
 
 

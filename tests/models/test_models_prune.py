@@ -101,3 +101,38 @@ def test_can_prune_needs_a_bert_teacher_and_its_head_size(teacher):
     assert not can_prune(config, hidden=32, heads=4, ffn=64, layers=1)  # head size 8
     assert not can_prune(config, hidden=32, heads=2, ffn=256, layers=1)  # wider FFN than the teacher's
     assert not can_prune(config, hidden=32, heads=2, ffn=64, layers=3)
+
+
+@pytest.fixture(scope="module")
+def mpnet_teacher(teacher):
+    """A tiny random MPNet classifier over the same tokenizer (padding id 0, so positions start at 1)."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    _, tokenizer = teacher
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+                         num_labels=3, initializer_range=0.2)
+    return MPNetForSequenceClassification(config).eval(), tokenizer
+
+
+def test_mpnet_student_is_an_mpnet_cut_with_one_head_set_for_all_blocks(mpnet_teacher):
+    model, tokenizer = mpnet_teacher
+    whole, whole_tok, _ = build_student(model, tokenizer, StudentShape(layers=2, trim_vocab=False), max_length=32)
+    assert type(whole).__name__ == "MPNetForSequenceClassification"
+    assert whole.config.max_position_embeddings == 32 + 1
+    torch.testing.assert_close(_logits(whole, whole_tok), _logits(model, tokenizer), rtol=1e-5, atol=1e-5)
+
+    student, _, info = build_student(model, tokenizer, StudentShape(layers=2, hidden=32, ffn=64),
+                                     train_texts=TEXTS, max_length=32)
+    assert info["init"] == "teacher blocks [0, 1] pruned to the most active units"
+    ids = tokenizer(TEXTS, truncation=True, max_length=32)["input_ids"]
+    importance = activation_importance(model, ids, tokenizer.pad_token_id)
+    heads = (importance.heads[0] + importance.heads[1]).topk(2).indices.sort().values
+    bias = model.mpnet.encoder.relative_attention_bias.weight
+    assert torch.equal(student.mpnet.encoder.relative_attention_bias.weight, bias[:, heads])
+    dims = (heads.unsqueeze(1) * 16 + torch.arange(16)).flatten()
+    channels = importance.channels.topk(32).indices.sort().values
+    for block in (0, 1):
+        q_t = model.mpnet.encoder.layer[block].attention.attn.q.weight
+        assert torch.equal(student.mpnet.encoder.layer[block].attention.attn.q.weight, q_t[dims][:, channels])

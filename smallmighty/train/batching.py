@@ -37,5 +37,27 @@ class Collator:
         }
 
 
+def length_grouped_order(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                         pool_batches: int = 64) -> list[int]:
+    """A shuffled epoch order whose consecutive `batch_size` runs hold texts of similar length.
+
+    Why: batches pad to their longest text, and short-text datasets are mostly short with a long
+    tail (banking77: 16 tokens on average, random batches of 32 pad to 47), so random batches spend
+    two thirds of the compute on padding. Shuffling, sorting by length within pools of
+    `pool_batches` batches, then shuffling the batches keeps the order random at the batch level
+    while cutting padding to a few tokens. Only the very last batch may be short, and it stays last,
+    so every earlier run of `batch_size` is a whole batch.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = batch_size * pool_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        part = sorted(order[start:start + pool], key=lambda i: lengths[i])
+        batches += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
+    short = batches.pop() if len(batches[-1]) < batch_size else None
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in shuffled + ([short] if short else []) for i in batch]
+
+
 def make_examples(token_ids: list[list[int]], labels: Sequence[int]) -> list[dict]:
     return [{"input_ids": ids, "label": int(y), "index": i} for i, (ids, y) in enumerate(zip(token_ids, labels))]

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from smallmighty.errors import SlmError
+from smallmighty.train.batching import length_grouped_order
 from smallmighty.train.checkpoint import (TrainState, checkpoint_extra, load_checkpoint,
                                           save_checkpoint)
 
@@ -68,7 +69,8 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
           *, checkpoint_dir: Path | None = None, resume: bool = False, desc: str = "train") -> nn.Module:
     """Train the parameters of `module` that require grad on `examples`.
 
-    `module(batch)` returns `(loss, parts)`, `parts` a dict of floats shown on the progress bar; the
+    Each example holds "input_ids" (batches group texts of similar length, see
+    `length_grouped_order`). `module(batch)` returns `(loss, parts)`, `parts` a dict of floats shown on the progress bar; the
     loss is computed inside `forward` so that DDP sees it and averages gradients across ranks.
     Returns the trained module (unwrapped). With `checkpoint_dir`, a checkpoint is written every
     `config.checkpoint_every` steps and at each epoch end; `resume=True` continues from it.
@@ -91,6 +93,7 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
         state = load_checkpoint(checkpoint_dir, module, optimizer)
     model, optimizer = accelerator.prepare(module, optimizer)
 
+    lengths = [len(e["input_ids"]) for e in examples]
     steps_per_epoch = math.ceil(len(examples) / (config.batch_size * accelerator.num_processes))
     total_steps = steps_per_epoch * config.epochs
     warmup = int(total_steps * config.warmup_ratio)
@@ -104,7 +107,8 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     for epoch in range(state.epoch, config.epochs):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed + epoch))
+        order = length_grouped_order(lengths, config.batch_size * accelerator.num_processes,
+                                     torch.Generator().manual_seed(config.seed + epoch))
         loader = accelerator.prepare(DataLoader([examples[i] for i in order], batch_size=config.batch_size,
                                                 shuffle=False, collate_fn=collate))
         start = state.step_in_epoch if epoch == state.epoch else 0

@@ -182,8 +182,6 @@ class DenseLinear(nn.Module):
     is kept transposed, [in, out], the best layout for MKL.
     """
 
-    activation_dtype = torch.float32
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -222,9 +220,6 @@ class DecoderLayer:
         self.inter = config.intermediate_size
         self.norm_shape = (config.hidden_size,)
         self.rope_pairs = (self.heads + self.kv_heads, self.head_dim // 2, 2)
-        # Quantized kernels take and return bfloat16: keep the MLP in it between them, and the
-        # residual stream, attention and rotary embedding in float32.
-        self.activation_dtype = qkv.activation_dtype
 
     def forward(self, h: torch.Tensor, batch: int, kv_cache: torch.Tensor, start: int,
                 rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -236,8 +231,11 @@ class DecoderLayer:
         plain causal attention. Queries arrive pre-scaled by 1/sqrt(head_dim) (see `hf_to_state`).
         """
         b, t = batch, h.shape[0] // batch
-        hq, hk, d, act = self.heads, self.kv_heads, self.head_dim, self.activation_dtype
-        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps).to(act)).float()
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        # Linear layers take float32 and convert as their kernel needs; quantized ones may return
+        # bfloat16, in which case the MLP stays in it between them, while the residual stream,
+        # attention and rotary embedding stay float32.
+        qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps)).float()
         torch.view_as_complex(qkv[:, : (hq + hk) * d].view(b, t, *self.rope_pairs)).mul_(rope)
         kv_cache[:, :, start:start + t] = qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
         keys = kv_cache[:, :hk, : start + t]
@@ -248,8 +246,8 @@ class DecoderLayer:
                                               is_causal=mask is None and t > 1, scale=1.0,
                                               enable_gqa=hq != hk)
         attn = attn.transpose(1, 2).reshape(b * t, hq * d)
-        h += self.o(attn.to(act))
-        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps).to(act))
+        h += self.o(attn)
+        gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps))
         h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]))
         return h
 
@@ -304,7 +302,7 @@ class LlamaModel:
         if last_only:
             h = h[:, -1]
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h.to(self.lm_head.activation_dtype)).float()
+        return self.lm_head(h).float()
 
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:

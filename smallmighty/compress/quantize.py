@@ -135,10 +135,14 @@ class QuantizedLinear(nn.Module):
     """Shared parts: optional bias, and the choice of kernel by the number of rows.
 
     One row (decoding a single sequence) goes to the layer's torch kernel, which streams the
-    low-bit weights at memory speed. Several rows (batched decoding, prompts) go to
-    `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout: torch's kernels are
-    compute-bound there, 8 rows costing 3-4x one.
+    low-bit weights at memory speed. From `rows_path_from` rows on (batched decoding, prompts)
+    the layer uses `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout:
+    torch's kernels are compute-bound there, 8 rows costing 3-4x one.
     """
+
+    #: Fewest rows that take `int8_rows_matmul`, from whole-model decode steps on a 2-core
+    #: AVX-512 CPU (subclasses set their own).
+    rows_path_from = 2
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -173,7 +177,7 @@ class QuantizedLinear(nn.Module):
         bfloat16 activations (their fast CPU path; float32 ones take a scalar loop 15-30x
         slower), float32 from `int8_rows_matmul` and whenever there is a bias (added in float32)."""
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self._rows_path and rows.shape[0] > 1:
+        if self._rows_path and rows.shape[0] >= self.rows_path_from:
             y = int8_rows_matmul(rows.float(), self._rows_weight, self._rows_scale, self._rows_zeros)
         else:
             y = self._kernel(rows)
@@ -211,8 +215,12 @@ class Int4Linear(QuantizedLinear):
     """Linear layer holding 4-bit weights with a scale and zero per group of inputs.
 
     Its batched path multiplies by these weights requantized to int8 per row (error at most half
-    an int8 step, far below int4's own); that copy costs 1 byte per weight of memory.
+    an int8 step, far below int4's own); that copy costs 1 byte per weight of memory. torch's int4
+    kernel stays ahead of it up to about 12 rows (SmolLM2-135M, batch 8: 36.5 against 39.9 ms per
+    step), so the int8 copy serves prompts and larger batches.
     """
+
+    rows_path_from = 16
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:

@@ -59,17 +59,22 @@ def _layer(kind: str, w: torch.Tensor, bias: torch.Tensor | None = None) -> q.Qu
     return q.quantized_linear_from_state(state, "lin")
 
 
+def _batched(layer: q.QuantizedLinear, rows: int) -> bool:
+    """Whether `rows` rows take the batched path (`int8_rows_matmul`)."""
+    return q.ONEDNN_INT8 and rows >= layer.rows_path_from
+
+
 def _weight_used(layer: q.QuantizedLinear, rows: int) -> torch.Tensor:
-    """What the layer multiplies by: its dequantized weight, except that several rows of an int4
-    layer go through its int8 requantized copy (the batched path)."""
+    """What the layer multiplies by: its dequantized weight, except that the batched path of an
+    int4 layer uses its int8 requantized copy."""
     w = layer.dequantize()
-    if rows > 1 and isinstance(layer, q.Int4Linear) and q.ONEDNN_INT8:
+    if _batched(layer, rows) and isinstance(layer, q.Int4Linear):
         w = q.dequantize_int8(*q.quantize_int8(w))
     return w
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [(1, 128), (3, 128), (2, 20, 128)])
+@pytest.mark.parametrize("shape", [(1, 128), (3, 128), (2, 10, 128)])
 def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, shape):
     # 40 output features: not a multiple of 16, which torch's int4 kernel needs padded.
     w, bias = _weight(40, 128), torch.randn(40) * 0.1
@@ -81,7 +86,7 @@ def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, shape
     rows = x.numel() // 128
     got = layer(x)
     assert got.shape == (*shape[:-1], 40) and got.dtype == torch.float32  # float32: it has a bias
-    if rows == 1:
+    if not _batched(layer, rows):
         # torch's kernels take bfloat16 activations: exact up to that rounding.
         expected = F.linear(x.bfloat16().float(), layer.dequantize(), bias)
         tolerance = 2**-8
@@ -100,10 +105,12 @@ def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, shape
 def test_a_row_gives_the_same_result_in_any_batch(kind):
     # Each row has its own scale and integer sums are exact, so its neighbours cannot change it.
     layer = _layer(kind, _weight(48, 128))
-    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
     together = layer(x)
-    assert torch.equal(layer(x[[5, 1]]), together[[5, 1]])
-    assert torch.equal(layer(torch.cat([x[:2], x[2:3] * 1000]))[:2], together[:2])
+    picked = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:20]
+    assert _batched(layer, 20) and torch.equal(layer(x[picked]), together[picked])
+    loud = torch.cat([x[:20], x[20:] * 1000])
+    assert torch.equal(layer(loud)[:20], together[:20])
 
 
 def test_int8_linear_handles_inputs_not_a_multiple_of_16():
@@ -124,16 +131,17 @@ def test_quantized_linear_output_dtype_follows_its_kernel(kind):
     one = layer(x[:1])
     assert one.dtype == torch.bfloat16 and one.shape == (1, 32)  # torch's kernel: bfloat16 out
     torch.testing.assert_close(one, layer(x[:1].bfloat16()), rtol=0, atol=0)
-    several = layer(x)
-    assert several.shape == (3, 32)
-    assert several.dtype == (torch.float32 if q.ONEDNN_INT8 else torch.bfloat16)
+    for rows in (3, 16):
+        several = layer(torch.randn(rows, 64))
+        assert several.shape == (rows, 32)
+        assert several.dtype == (torch.float32 if _batched(layer, rows) else torch.bfloat16)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_without_onednn_every_batch_takes_torchs_kernel(kind, monkeypatch):
     monkeypatch.setattr(q, "ONEDNN_INT8", False)
     layer = _layer(kind, _weight(40, 128))
-    x = torch.randn(5, 128)
+    x = torch.randn(20, 128)
     got = layer(x)
     assert got.dtype == torch.bfloat16
     expected = F.linear(x.bfloat16().float(), layer.dequantize())

@@ -88,7 +88,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)
 
 
-#: oneDNN's int8 matmul, the batched path of `Int8Linear`; without it every call takes torch's kernel.
+#: oneDNN's int8 matmul, the batched path of the quantized layers; without it torch's kernels do all.
 ONEDNN_INT8 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 #: Weight of the second int8 limb of an activation row (see `int8_rows_matmul`).
@@ -110,8 +110,8 @@ def int8_rows_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
     Why: for several rows torch's weight-only kernel is compute-bound (it widens every weight to
     float for each block of 4 rows, so 8 rows cost 3-4x one), while oneDNN multiplies int8 by
-    int8 with the CPU's integer dot-product instructions and stays bound by memory: 16 rows cost
-    about 1.3x one. Each row is written as two int8 limbs, x ~= (hi + lo / 254) * max|x_row| / 127,
+    int8 with the CPU's integer dot-product instructions and stays near memory speed: 16 rows cost
+    about 1.3x two. Each row is written as two int8 limbs, x ~= (hi + lo / 254) * max|x_row| / 127,
     so it keeps ~15 bits against its largest entry: one limb (plain 8-bit activations) cost +3.6%
     wikitext-2 perplexity on SmolLM2-135M, two cost nothing measurable (bfloat16, what the
     one-row kernel takes, keeps 8 bits per entry). Integer sums are exact, so a row's result
@@ -137,7 +137,9 @@ class QuantizedLinear(nn.Module):
     One row (decoding a single sequence) goes to the layer's torch kernel, which streams the
     low-bit weights at memory speed. From `rows_path_from` rows on (batched decoding, prompts)
     the layer uses `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout:
-    torch's kernels are compute-bound there, 8 rows costing 3-4x one.
+    torch's kernels are compute-bound there, 8 rows costing 3-4x one. The price: that copy takes
+    1 byte per weight of memory, and packing it at load about 5 ms per MB (0.6 s for the 135 MB of
+    SmolLM2-135M at int8, on one core).
     """
 
     #: Fewest rows that take `int8_rows_matmul`, from whole-model decode steps on a 2-core
@@ -216,7 +218,7 @@ class Int4Linear(QuantizedLinear):
 
     Its batched path multiplies by these weights requantized to int8 per row (error at most half
     an int8 step, far below int4's own); that copy costs 1 byte per weight of memory. torch's int4
-    kernel stays ahead of it up to about 12 rows (SmolLM2-135M, batch 8: 36.5 against 39.9 ms per
+    kernel stays ahead of it up to 12-15 rows (SmolLM2-135M, batch 8: 36.5 against 39.9 ms per
     step), so the int8 copy serves prompts and larger batches.
     """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,11 +411,18 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Lla
             raise SlmError(f"weights for '{name}' are missing")
         return state.pop(name).float()
 
-    layers = [DecoderLayer(config, *(linear_from_state(f"layers.{i}.{n}")
-                                     for n in ("qkv", "o", "gate_up", "down")),
-                           attn_norm=get(f"layers.{i}.attn_norm"), mlp_norm=get(f"layers.{i}.mlp_norm"))
-              for i in range(config.num_hidden_layers)]
+    def layer(i: int) -> DecoderLayer:
+        return DecoderLayer(config, *(linear_from_state(f"layers.{i}.{n}")
+                                      for n in ("qkv", "o", "gate_up", "down")),
+                            attn_norm=get(f"layers.{i}.attn_norm"),
+                            mlp_norm=get(f"layers.{i}.mlp_norm"))
+
     embed = get("embed") if "embed" in state else None
     if embed is None and "lm_head.weight" in state:
         embed = state["lm_head.weight"].float()  # tied float32: the blocked lm_head has no rows
-    return LlamaModel(config, embed, layers, get("norm"), linear_from_state("lm_head"))
+    # Building the layers is mostly reordering weights into oneDNN's layouts, which runs on one
+    # core per weight: a thread per core shortens loading (int8 SmolLM2-135M: 0.7 -> 0.4 s).
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        lm_head = pool.submit(linear_from_state, "lm_head")
+        layers = list(pool.map(layer, range(config.num_hidden_layers)))
+        return LlamaModel(config, embed, layers, get("norm"), lm_head.result())

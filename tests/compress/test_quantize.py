@@ -53,45 +53,99 @@ def test_int4_needs_inputs_divisible_by_the_group():
         q.quantize_int4(_weight(8, 100))
 
 
+def _layer(kind: str, w: torch.Tensor, bias: torch.Tensor | None = None) -> q.QuantizedLinear:
+    state = q.quantize_state({"lin.weight": w} | ({} if bias is None else {"lin.bias": bias}),
+                             {"lin": kind})
+    return q.quantized_linear_from_state(state, "lin")
+
+
+def _batched(layer: q.QuantizedLinear, rows: int) -> bool:
+    """Whether `rows` rows take the batched path (`int8_rows_matmul`)."""
+    return q.ONEDNN_INT8 and rows >= layer.rows_path_from
+
+
+def _weight_used(layer: q.QuantizedLinear, rows: int) -> torch.Tensor:
+    """What the layer multiplies by: its dequantized weight, except that the batched path of an
+    int4 layer uses its int8 requantized copy."""
+    w = layer.dequantize()
+    if _batched(layer, rows) and isinstance(layer, q.Int4Linear):
+        w = q.dequantize_int8(*q.quantize_int8(w))
+    return w
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 40])
-def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, rows):
+@pytest.mark.parametrize("shape", [(1, 128), (3, 128), (2, 10, 128)])
+def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, shape):
     # 40 output features: not a multiple of 16, which torch's int4 kernel needs padded.
     w, bias = _weight(40, 128), torch.randn(40) * 0.1
-    state = q.quantize_state({"lin.weight": w, "lin.bias": bias}, {"lin": kind})
-    layer = q.quantized_linear_from_state(state, "lin")
+    layer = _layer(kind, w, bias)
     assert isinstance(layer, q.Int8Linear if kind == "int8" else q.Int4Linear)
-    x = torch.randn(2, rows, 128, generator=torch.Generator().manual_seed(1))
-    # The fused kernels take bfloat16 activations and return bfloat16 before the bias is added;
-    # otherwise they multiply by exactly the dequantized weight.
-    expected = F.linear(x.bfloat16().float(), layer.dequantize(), bias)
+    # Outlier columns, as real activations have: they are what plain 8-bit activations get wrong.
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    x[..., :4] *= 30
+    rows = x.numel() // 128
     got = layer(x)
-    assert got.shape == (2, rows, 40) and got.dtype == torch.float32  # float32: it has a bias
-    torch.testing.assert_close(got, expected, atol=2**-8 * expected.abs().max().item(), rtol=0)
+    assert got.shape == (*shape[:-1], 40) and got.dtype == torch.float32  # float32: it has a bias
+    if not _batched(layer, rows):
+        # torch's kernels take bfloat16 activations: exact up to that rounding.
+        expected = F.linear(x.bfloat16().float(), layer.dequantize(), bias)
+        tolerance = 2**-8
+    else:
+        # Two int8 limbs per activation keep ~15 bits: much closer than bfloat16 (8 bits).
+        expected = F.linear(x, _weight_used(layer, rows), bias)
+        tolerance = 2**-11
+    torch.testing.assert_close(got, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
     # And the quantized layer stays close to the float one it came from.
     full = F.linear(x, w, bias)
     assert (got - full).abs().max() < {"int8": 0.03, "int4": 0.15}[kind] * full.abs().max()
 
 
+@pytest.mark.skipif(not q.ONEDNN_INT8, reason="the batched path needs oneDNN")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_row_gives_the_same_result_in_any_batch(kind):
+    # Each row has its own scale and integer sums are exact, so its neighbours cannot change it.
+    layer = _layer(kind, _weight(48, 128))
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
+    together = layer(x)
+    picked = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:20]
+    assert _batched(layer, 20) and torch.equal(layer(x[picked]), together[picked])
+    loud = torch.cat([x[:20], x[20:] * 1000])
+    assert torch.equal(layer(loud)[:20], together[:20])
+
+
 def test_int8_linear_handles_inputs_not_a_multiple_of_16():
     # torch's int8 kernel reads 16 inputs at a time; 100 needs padding (it crashed unpadded).
     w = _weight(24, 100)
-    layer = q.quantized_linear_from_state(q.quantize_state({"lin.weight": w}, {"lin": "int8"}), "lin")
-    x = torch.randn(3, 100)
-    expected = x.bfloat16().float() @ layer.dequantize().t()
-    torch.testing.assert_close(layer(x).float(), expected, atol=0.02 * expected.abs().max().item(),
-                               rtol=0.01)
+    layer = _layer("int8", w)
+    for rows in (1, 3):
+        x = torch.randn(rows, 100)
+        expected = x.bfloat16().float() @ layer.dequantize().t()
+        torch.testing.assert_close(layer(x).float(), expected,
+                                   atol=0.02 * expected.abs().max().item(), rtol=0.01)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_linear_without_bias_works_in_bfloat16(kind):
-    layer = q.quantized_linear_from_state(q.quantize_state({"lin.weight": _weight(32, 64)},
-                                                           {"lin": kind}), "lin")
-    assert layer.activation_dtype == torch.bfloat16
+def test_quantized_linear_output_dtype_follows_its_kernel(kind):
+    layer = _layer(kind, _weight(32, 64))
     x = torch.randn(3, 64)
-    y = layer(x.to(layer.activation_dtype))
-    assert y.dtype == torch.bfloat16 and y.shape == (3, 32)
-    torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+    one = layer(x[:1])
+    assert one.dtype == torch.bfloat16 and one.shape == (1, 32)  # torch's kernel: bfloat16 out
+    torch.testing.assert_close(one, layer(x[:1].bfloat16()), rtol=0, atol=0)
+    for rows in (3, 16):
+        several = layer(torch.randn(rows, 64))
+        assert several.shape == (rows, 32)
+        assert several.dtype == (torch.float32 if _batched(layer, rows) else torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_without_onednn_every_batch_takes_torchs_kernel(kind, monkeypatch):
+    monkeypatch.setattr(q, "ONEDNN_INT8", False)
+    layer = _layer(kind, _weight(40, 128))
+    x = torch.randn(20, 128)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    expected = F.linear(x.bfloat16().float(), layer.dequantize())
+    torch.testing.assert_close(got.float(), expected, atol=2**-7 * expected.abs().max().item(), rtol=0)
 
 
 def test_weight_rows_is_an_embedding_lookup():

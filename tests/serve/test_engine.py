@@ -323,3 +323,25 @@ def test_smollm2_quantized_perplexity_stays_close_to_fp32(smollm2_dir, shared_da
     assert 5 < scores["fp32"] < 60
     assert scores["int8"] == pytest.approx(scores["fp32"], rel=0.01)
     assert scores["int4"] == pytest.approx(scores["fp32"], rel=0.02)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_batched_decoding_agrees_with_one_sequence_at_a_time(model_dir, precision):
+    # A batch of decode rows takes other kernels than a single row (see QuantizedLinear):
+    # both must give the same logits up to activation rounding.
+    model = Engine.from_pretrained(model_dir, precision=precision).model
+    prompt = torch.tensor([PROMPTS[2]])
+    rope = model.rope(10)
+    logits = []
+    with torch.inference_mode():
+        for batch in (1, 3):
+            cache = model.new_cache(batch, 10)
+            model(prompt.expand(batch, -1), cache, 0, rope[None, :9, None])
+            step = model(torch.tensor([[7]] * batch), cache, 9, rope[None, 9:10, None])
+            logits.append(step)
+    one, batched = logits
+    assert torch.equal(batched[0], batched[2])  # rows of one batch never mix
+    # Relative RMS error of the logits; measured 1% (int8) and 3% (int4) on these random weights,
+    # while the next step's logits for another token differ by over 100%.
+    error = ((batched[1] - one[0]).pow(2).mean() / one[0].pow(2).mean()).sqrt()
+    assert error < 0.1

@@ -17,13 +17,14 @@ input index in the low nibble). `quantized_linear_from_state` rebuilds the match
 
 Kernels: one row at a time (decoding a single sequence) the modules call torch's fused int8/int4
 matmuls with bfloat16 activations, which stream the weights at memory speed. With several rows
-(batches, prompts) those kernels are compute-bound, so the modules switch to oneDNN's int8 x int8
-matmul over a second, int8 copy of the weights, with activations split into two int8 limbs
-(`int8_rows_matmul`). Both paths match the dequantized weights to within bfloat16 rounding.
+those kernels are compute-bound, so once a batch of several sequences asks for it
+(`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second, int8 copy
+of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both paths match the dequantized weights to within bfloat16 rounding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -135,11 +136,12 @@ class QuantizedLinear(nn.Module):
     """Shared parts: optional bias, and the choice of kernel by the number of rows.
 
     One row (decoding a single sequence) goes to the layer's torch kernel, which streams the
-    low-bit weights at memory speed. From `rows_path_from` rows on (batched decoding, prompts)
-    the layer uses `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout:
-    torch's kernels are compute-bound there, 8 rows costing 3-4x one. The price: that copy takes
-    1 byte per weight of memory, and packing it at load about 5 ms per MB (0.6 s for the 135 MB of
-    SmolLM2-135M at int8, on one core).
+    low-bit weights at memory speed. Once `enable_rows_path` has run (the engine calls it for its
+    first batch of several sequences), from `rows_path_from` rows on the layer uses
+    `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout: torch's kernels are
+    compute-bound there, 8 rows costing 3-4x one. That copy is made only on demand because it takes
+    1 byte per weight of memory (+150 MB for SmolLM2-135M) and about 5 ms per MB to pack (0.6 s on
+    one core), which single-stream use (`slm generate`, `slm chat`) would pay for nothing.
     """
 
     #: Fewest rows that take `int8_rows_matmul`, from whole-model decode steps on a 2-core
@@ -152,10 +154,15 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self._rows_path = False
 
-    def _add_rows_path(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
-        """Keep int8 codes [out, in] with float32 `scale` [out] packed for `int8_rows_matmul`."""
-        if not ONEDNN_INT8:
+    def _rows_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes [out, in] and float32 scales [out] for the batched path."""
+        raise NotImplementedError
+
+    def enable_rows_path(self) -> None:
+        """Pack the int8 copy `int8_rows_matmul` needs (once; a no-op without oneDNN)."""
+        if not ONEDNN_INT8 or self._rows_path:
             return
+        qweight, scale = self._rows_codes()
         self.register_buffer("_rows_weight", pack_int8_weight(qweight), persistent=False)
         self.register_buffer("_rows_scale", scale.float().contiguous(), persistent=False)
         self.register_buffer("_rows_zeros", torch.zeros(self.out_features, dtype=torch.int64),
@@ -201,7 +208,9 @@ class Int8Linear(QuantizedLinear):
         self._pad = -self.in_features % 16
         padded = F.pad(self.qweight, (0, self._pad)) if self._pad else self.qweight
         self.register_buffer("_kernel_weight", padded, persistent=False)
-        self._add_rows_path(self.qweight, self.scale)
+
+    def _rows_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.qweight, self.scale
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])
@@ -241,8 +250,9 @@ class Int4Linear(QuantizedLinear):
         params = torch.stack([self.scale.t(), self.zero.t()], dim=-1)
         params = F.pad(params, (0, 0, 0, pad)).to(torch.bfloat16).contiguous()
         self.register_buffer("_kernel_params", params, persistent=False)
-        if ONEDNN_INT8:
-            self._add_rows_path(*quantize_int8(self.dequantize()))
+
+    def _rows_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_int8(self.dequantize())
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int4(self.packed[rows], self.scale[rows], self.zero[rows])
@@ -251,6 +261,13 @@ class Int4Linear(QuantizedLinear):
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._kernel_weight,
                                               self.group_size, self._kernel_params)
         return y[:, : self.out_features] if self._padded else y
+
+
+def enable_rows_paths(layers: Iterable[nn.Module]) -> None:
+    """Give every quantized layer among `layers` its batched path (see `QuantizedLinear`)."""
+    for module in layers:
+        if isinstance(module, QuantizedLinear):
+            module.enable_rows_path()
 
 
 def quantize_state(state: dict[str, torch.Tensor], plan: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -269,6 +269,10 @@ class LlamaModel:
         self.lm_head = lm_head
         self._rope = torch.empty(0, config.head_dim // 2, dtype=torch.complex64)
 
+    def linears(self) -> list[nn.Module]:
+        """Every weight matrix the decoder multiplies by (fp32 or quantized), lm_head last."""
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the embedding table for `ids`, as fresh float32 (the residual stream is updated in place)."""
         if self.embed is not None:

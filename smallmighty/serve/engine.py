@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from smallmighty.compress.quantize import (INT4_GROUP_SIZE, PRECISIONS, load_state, quantize_state,
-                                           read_metadata, save_state)
+from smallmighty.compress.quantize import (INT4_GROUP_SIZE, PRECISIONS, enable_rows_paths, load_state,
+                                           quantize_state, read_metadata, save_state)
 from smallmighty.errors import DataError, SlmError
 from smallmighty.models.llama import (LlamaConfig, LlamaModel, additive_mask, hf_to_state,
                                       linear_names, model_from_state, read_hf_weights)
@@ -362,6 +362,8 @@ class Engine:
         """
         model = self.model
         batch, longest = len(prompts), max(map(len, prompts))
+        if batch > 1:
+            enable_rows_paths(model.linears())  # quantized layers: a faster kernel for several rows, made once
         new = min(settings.max_new_tokens, self.max_seq_len - longest)
         slots = longest + new - 1  # the last new token is never fed back
         cache = model.new_cache(batch, slots)

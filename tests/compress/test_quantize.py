@@ -56,7 +56,9 @@ def test_int4_needs_inputs_divisible_by_the_group():
 def _layer(kind: str, w: torch.Tensor, bias: torch.Tensor | None = None) -> q.QuantizedLinear:
     state = q.quantize_state({"lin.weight": w} | ({} if bias is None else {"lin.bias": bias}),
                              {"lin": kind})
-    return q.quantized_linear_from_state(state, "lin")
+    layer = q.quantized_linear_from_state(state, "lin")
+    layer.enable_rows_path()
+    return layer
 
 
 def _batched(layer: q.QuantizedLinear, rows: int) -> bool:
@@ -146,6 +148,17 @@ def test_without_onednn_every_batch_takes_torchs_kernel(kind, monkeypatch):
     assert got.dtype == torch.bfloat16
     expected = F.linear(x.bfloat16().float(), layer.dequantize())
     torch.testing.assert_close(got.float(), expected, atol=2**-7 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_batched_copy_is_made_only_on_demand(kind):
+    """Single-stream use never pays the int8 copy's memory; the engine asks for it for batches."""
+    state = q.quantize_state({"lin.weight": _weight(40, 128)}, {"lin": kind})
+    layer = q.quantized_linear_from_state(state, "lin")
+    assert not hasattr(layer, "_rows_weight")
+    assert layer(torch.randn(20, 128)).dtype == torch.bfloat16  # torch's kernel for any rows
+    q.enable_rows_paths([layer])
+    assert hasattr(layer, "_rows_weight") == q.ONEDNN_INT8
 
 
 def test_weight_rows_is_an_embedding_lookup():

@@ -13,6 +13,7 @@ from pathlib import Path
 from smallmighty.data.classification import LabelledTexts
 from smallmighty.distill.classifier import DistillConfig, distill_classifier
 from smallmighty.io import read_json
+from smallmighty.models.encoder import read_meta
 from smallmighty.train.finetune import finetune_classifier
 from smallmighty.train.loop import TrainConfig
 
@@ -42,7 +43,10 @@ def run_pipeline(teacher: str, train: LabelledTexts, test: LabelledTexts, out_di
     if not teacher_matches(teacher, train.label_names):
         teacher_dir = str(out_dir / "teacher")
         if teacher_matches(teacher_dir, train.label_names) and not resume:
-            print(f"reusing the fine-tuned teacher in {teacher_dir}")
+            trained = read_meta(teacher_dir).get("train")
+            other = (f"; it was trained with other settings ({trained}): use another output folder to "
+                     "fine-tune afresh" if trained not in (None, asdict(teacher_train)) else "")
+            print(f"reusing the fine-tuned teacher in {teacher_dir}{other}")
         else:
             print(f"fine-tuning the teacher {teacher} on the task first ({teacher_train.epochs} epochs)")
             start = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -46,6 +47,6 @@ def finetune_classifier(model_name_or_path: str, train_data: LabelledTexts, out_
         save_classifier(objective.model, tokenizer, out_dir, max_length=max_length,
                         meta={"recipe": "finetune", "base_model": str(model_name_or_path),
                               "params": count_parameters(objective.model), "train_examples": len(train_data),
-                              "data": train_data.source})
+                              "data": train_data.source, "train": asdict(config)})
         shutil.rmtree(ckpt, ignore_errors=True)
     return Path(out_dir)

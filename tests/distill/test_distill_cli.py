@@ -31,6 +31,8 @@ def test_distill_command_writes_student_and_report(tiny_encoder_dir, topic_data_
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "student" in html
     assert (out / "student" / "model.safetensors").exists() and (out / "teacher" / "config.json").exists()
+    # The teacher records how it was trained, so a later run reusing it can tell other settings apart.
+    assert json.loads((out / "teacher" / "smallmighty.json").read_text())["train"]["epochs"] == 4
 
 
 def test_recipe_file_sets_defaults_and_flags_win(tmp_path, topic_data_dir, capsys):

@@ -7,7 +7,6 @@ checked exactly); the commands run against the real engine on a tiny random Llam
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import subprocess
@@ -21,21 +20,14 @@ from smallmighty.cli import main
 from smallmighty.errors import SlmError
 from smallmighty.serve import commands
 from smallmighty.serve.chat import ChatSession, run_chat
+from tiny_llama import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _tiny_llama_writer():
-    """The tiny-model writer shared with the loader tests (tests have no packages to import from)."""
-    spec = importlib.util.spec_from_file_location("causal_lm_tests", REPO / "tests" / "models" / "test_causal_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_tiny_llama
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_llama_writer()(tmp_path_factory.mktemp("serve") / "tiny-llama")
+    return write_tiny_llama(tmp_path_factory.mktemp("serve") / "tiny-llama")
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from smallmighty.errors import DataError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -44,8 +46,6 @@ def read_json(path: str | os.PathLike, default: Any = _MISSING) -> Any:
     A missing file returns `default` when one is given (optional configs), else is an error that
     names the file.
     """
-    from smallmighty.errors import DataError
-
     path = Path(path)
     if not path.is_file():
         if default is not _MISSING:

@@ -19,7 +19,8 @@ Kernels: one row at a time (decoding a single sequence) the modules call torch's
 matmuls with bfloat16 activations, which stream the weights at memory speed. With several rows
 those kernels are compute-bound, so once a batch of several sequences asks for it
 (`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second, int8 copy
-of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both paths match the dequantized weights to within bfloat16 rounding.
+of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both paths match
+the dequantized weights to within bfloat16 rounding.
 """
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def position_offset(model_type: str | None, pad_token_id: int | None) -> int:
+    """Rows of the position table before the first token's: MPNet counts positions from its
+    padding id + 1, BERT from 0."""
+    return (1 if pad_token_id is None else pad_token_id) + 1 if model_type == "mpnet" else 0
+
+
 @dataclass(frozen=True)
 class BertShape:
     """The numbers of a BERT classifier, read from an HF config.json."""
@@ -77,7 +83,7 @@ class BertShape:
             intermediate_size=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
             layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), hidden_act=act, num_labels=num_labels,
             model_type=model_type,
-            position_offset=cfg.get("pad_token_id", 1) + 1 if model_type == "mpnet" else 0,
+            position_offset=position_offset(model_type, cfg.get("pad_token_id")),
             relative_buckets=cfg.get("relative_attention_num_buckets", 32) if model_type == "mpnet" else 0,
         )
 
@@ -156,7 +162,8 @@ class BertClassifier(nn.Module):
         mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         if self.shape.relative_buckets:
             positions = torch.arange(t, device=input_ids.device)
-            relative = positions[None, :] - positions[:, None] + (len(self.relative_index) + 1) // 2 - 1
+            longest = self.shape.max_positions - self.shape.position_offset
+            relative = positions[None, :] - positions[:, None] + (longest - 1)
             mask = mask + self.relative(self.relative_index[relative]).permute(2, 0, 1)  # [heads, q, k]
         for layer in self.layers:
             x = layer(x, mask)

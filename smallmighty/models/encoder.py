@@ -21,8 +21,8 @@ from torch import nn
 
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path, read_json
-from smallmighty.models.prune import (Importance, activation_importance, can_prune, position_offset,
-                                      pruned_state_dict)
+from smallmighty.models.bert_encoder import position_offset
+from smallmighty.models.prune import Importance, activation_importance, can_prune, pruned_state_dict
 
 #: Written next to config.json: how the model was made and the sequence length it was trained at.
 META_FILE = "smallmighty.json"
@@ -173,6 +173,15 @@ def _trim_tokenizer(tokenizer, keep_ids: list[int]):
     return trimmed
 
 
+def _embedding_basis(word: torch.Tensor, width: int) -> torch.Tensor:
+    """[teacher width, width]: the identity when the widths match, else the top principal directions."""
+    return torch.eye(word.shape[1]) if word.shape[1] == width else _pca_basis(word, width)
+
+
+def _embedding_init_name(word: torch.Tensor, width: int) -> str:
+    return "teacher embeddings" if word.shape[1] == width else "PCA of teacher embeddings"
+
+
 def _pca_basis(matrix: torch.Tensor, dim: int) -> torch.Tensor:
     """The top-`dim` principal directions of the rows of `matrix`, as a [width, dim] projection."""
     centered = matrix - matrix.mean(dim=0, keepdim=True)
@@ -215,7 +224,8 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
         # The teacher's own family and settings (activation, LayerNorm epsilon, position scheme), so
         # that the weights cut from it compute the same function.
         config = copy.deepcopy(tcfg)
-        config.update(dict(**sizes, max_position_embeddings=max_length + position_offset(tcfg), **common))
+        positions = max_length + position_offset(tcfg.model_type, tcfg.pad_token_id)
+        config.update(dict(**sizes, max_position_embeddings=positions, **common))
         student = AutoModelForSequenceClassification.from_config(config)
         blocks = every_kth_layer(tcfg.num_hidden_layers, shape.layers)
         whole = (shape.hidden, shape.heads, shape.ffn) == (tcfg.hidden_size, tcfg.num_attention_heads,
@@ -236,8 +246,7 @@ def _init_embeddings_only(teacher: nn.Module, student: nn.Module, keep_ids: list
     when narrower, and whose blocks start from scratch."""
     t_emb, s_emb = teacher.base_model.embeddings, student.bert.embeddings
     word = _teacher_word_embeddings(teacher, keep_ids)
-    same_width = word.shape[1] == student.config.hidden_size
-    basis = torch.eye(word.shape[1]) if same_width else _pca_basis(word, student.config.hidden_size)
+    basis = _embedding_basis(word, student.config.hidden_size)
     with torch.no_grad():
         s_emb.word_embeddings.weight.copy_(word @ basis)
         s_emb.position_embeddings.weight.copy_(t_emb.position_embeddings.weight.detach()[:max_length] @ basis)
@@ -245,7 +254,7 @@ def _init_embeddings_only(teacher: nn.Module, student: nn.Module, keep_ids: list
         n_types = s_emb.token_type_embeddings.weight.shape[0]
         if types is not None and types.weight.shape[0] >= n_types:
             s_emb.token_type_embeddings.weight.copy_(types.weight.detach()[:n_types] @ basis)
-    return "teacher embeddings" if same_width else "PCA of teacher embeddings"
+    return _embedding_init_name(word, student.config.hidden_size)
 
 
 def _uniform_importance(tcfg) -> Importance:
@@ -293,10 +302,7 @@ def _build_mean_pooled_student(teacher, tokenizer, student_tokenizer, keep_ids, 
     student = ModernBertForSequenceClassification(config)
     word = _teacher_word_embeddings(teacher, keep_ids)
     with torch.no_grad():
-        if shape.hidden == word.shape[1]:
-            student.get_input_embeddings().weight.copy_(word)
-        else:
-            student.get_input_embeddings().weight.copy_(word @ _pca_basis(word, shape.hidden))
-    init = "teacher embeddings" if shape.hidden == word.shape[1] else "PCA of teacher embeddings"
+        student.get_input_embeddings().weight.copy_(word @ _embedding_basis(word, shape.hidden))
+    init = _embedding_init_name(word, shape.hidden)
     return student, student_tokenizer, _student_info(student, teacher, tokenizer, shape, keep_ids, init)
 

@@ -87,12 +87,6 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def position_offset(config) -> int:
-    """Rows of the position table before the first token's: MPNet counts positions from its
-    padding id + 1, BERT from 0."""
-    return config.pad_token_id + 1 if config.model_type == "mpnet" else 0
-
-
 @dataclass
 class Importance:
     """How much each prunable unit of the teacher is used, measured on real inputs."""

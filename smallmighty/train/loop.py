@@ -70,8 +70,9 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
     """Train the parameters of `module` that require grad on `examples`.
 
     Each example holds "input_ids" (batches group texts of similar length, see
-    `length_grouped_order`). `module(batch)` returns `(loss, parts)`, `parts` a dict of floats shown on the progress bar; the
-    loss is computed inside `forward` so that DDP sees it and averages gradients across ranks.
+    `length_grouped_order`). `module(batch)` returns `(loss, parts)`, `parts` a dict of floats shown
+    on the progress bar; the loss is computed inside `forward` so that DDP sees it and averages
+    gradients across ranks.
     Returns the trained module (unwrapped). With `checkpoint_dir`, a checkpoint is written every
     `config.checkpoint_every` steps and at each epoch end; `resume=True` continues from it.
     """

@@ -178,6 +178,10 @@ class QuantizedLinear(nn.Module):
         """Float32 rows of the [out, in] weight: an embedding lookup when embeddings are tied."""
         raise NotImplementedError
 
+    def native_weights(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+        """The kind and tensors the native decode step reads (`smallmighty.models.native_decode`)."""
+        raise NotImplementedError
+
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """torch's low-bit kernel: [rows, in] (any float type) -> bfloat16 [rows, out], no bias."""
         raise NotImplementedError
@@ -215,6 +219,9 @@ class Int8Linear(QuantizedLinear):
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int8(self.qweight[rows], self.scale[rows])
+
+    def native_weights(self) -> tuple[str, tuple[torch.Tensor, ...]]:
+        return "int8", (self.qweight, self.scale)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
@@ -257,6 +264,12 @@ class Int4Linear(QuantizedLinear):
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         return dequantize_int4(self.packed[rows], self.scale[rows], self.zero[rows])
+
+    def native_weights(self) -> tuple[str, tuple[torch.Tensor, ...]]:
+        """Codes and bfloat16 (scale, zero) pairs. The C step reads a group's codes 16 bytes at a
+        time, so groups must be multiples of 32 inputs, as torch's kernel also requires."""
+        pairs = torch.stack([self.scale, self.zero], dim=-1).to(torch.bfloat16).contiguous()
+        return "int4", (self.packed, None, pairs)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._kernel_weight,

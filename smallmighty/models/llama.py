@@ -174,34 +174,37 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 
 
 class DenseLinear(nn.Module):
-    """A float32 Linear layer whose weight is stored blocked for oneDNN's matmul.
+    """A float32 Linear layer, its weight stored for whichever code decodes with it.
 
-    Why: decode time is streaming the weights, and on a quiet 2-core AVX-512 CPU oneDNN on a
-    blocked weight streams at the full ~22 GB/s with both cores, for 1 row or 8 (batched
-    decoding costs little more than one sequence), while MKL's matrix-vector path stays on one
-    core (~16 GB/s) and nn.Linear's [out, in] layout reaches ~12 GB/s. Without oneDNN the weight
-    is kept transposed, [in, out], the best layout for MKL.
+    With the native decode step (`native_decode`) the weight stays plain [out, in]: the C step
+    reads it at memory speed and prompts go through `F.linear` (MKL). Without it, the weight is
+    stored blocked for oneDNN's matmul, which streams it at ~22 GB/s with both cores of a quiet
+    2-core AVX-512 CPU for 1 row or 8, where MKL's matrix-vector path stays on one core
+    (~16 GB/s) and nn.Linear's [out, in] layout reaches ~12 GB/s.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 blocked: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.float().contiguous()
-        if _ONEDNN:
+        self.blocked = blocked and _ONEDNN
+        if self.blocked:
             # The second argument is the batch size oneDNN tunes the blocking for.
-            self.register_buffer("blocked", torch.ops.mkldnn._reorder_linear_weight(weight, 8))
+            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 8))
         else:
-            self.register_buffer("weight_t", weight.t().contiguous())
+            self.register_buffer("weight", weight)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def native_weights(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
+        """The kind and tensors the native decode step reads (None when blocked for oneDNN)."""
+        return None if self.blocked else ("f32", (self.weight,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
-        if _ONEDNN:
-            return torch.ops.mkldnn._linear_pointwise(x, self.blocked, self.bias, "none", [], "")
-        y = x @ self.weight_t
-        if self.bias is not None:
-            y += self.bias
-        return y
+        if self.blocked:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class DecoderLayer:
@@ -268,6 +271,15 @@ class LlamaModel:
         self.norm = norm
         self.lm_head = lm_head
         self._rope = torch.empty(0, config.head_dim // 2, dtype=torch.complex64)
+        #: The native decode step over these weights, when built (see `use_native`).
+        self.native: Any = None
+
+    def use_native(self, lib: Any) -> bool:
+        """Decode through the C step of `lib` (`native_decode.library()`) when it reads every layer."""
+        from smallmighty.models import native_decode
+
+        self.native = native_decode.NativeDecoder(self, lib) if native_decode.supports(self) else None
+        return self.native is not None
 
     def linears(self) -> list[nn.Module]:
         """Every weight matrix the decoder multiplies by (fp32 or quantized), lm_head last."""
@@ -306,6 +318,27 @@ class LlamaModel:
         h = h.view(b, t, -1)
         if last_only:
             h = h[:, -1]
+        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
+        return self.lm_head(h).float()
+
+
+    def decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
+               rope: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for one new token per sequence: `ids` [B] written at cache `slot`.
+
+        Sequence b attends to slots [first[b], slot] (left padding lies before `first`); `rope`
+        [B, head_dim // 2] holds each sequence's rotation for its own position. Runs the native
+        step when there is one, else the same computation as torch operators.
+        """
+        h = self.embed_tokens(ids)
+        if self.native is not None:
+            return self.native(h, cache, slot, first, rope)
+        mask = None
+        if bool(first.any()):
+            mask = additive_mask(torch.arange(slot + 1)[None, :] >= first[:, None])[:, None, None]
+        b = ids.shape[0]
+        for layer, kv in zip(self.layers, cache):
+            h = layer.forward(h, b, kv, slot, rope[:, None, None], mask)
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()
 
@@ -398,16 +431,22 @@ def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[s
     return state
 
 
-def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> LlamaModel:
+def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor], *,
+                     native: bool = True) -> LlamaModel:
     """Assemble a `LlamaModel` from an engine-layout state dict, float32 or quantized.
 
     Consumes `state` (entries are popped as they are used) so float32 weights are not held twice.
+    With `native` (and a C compiler, see `native_decode`) decoding runs the C step.
     """
     from smallmighty.compress.quantize import quantized_linear_from_state
+    from smallmighty.models.native_decode import library
+
+    lib = library() if native else None
 
     def linear_from_state(name: str) -> nn.Module:
         if f"{name}.weight" in state:
-            return DenseLinear(state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None))
+            return DenseLinear(state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None),
+                               blocked=lib is None)
         return quantized_linear_from_state(state, name)
 
     def get(name: str) -> torch.Tensor:
@@ -423,10 +462,13 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> Lla
 
     embed = get("embed") if "embed" in state else None
     if embed is None and "lm_head.weight" in state:
-        embed = state["lm_head.weight"].float()  # tied float32: the blocked lm_head has no rows
+        embed = state["lm_head.weight"].float()  # tied float32 (a plain lm_head shares it)
     # Building the layers is mostly reordering weights into oneDNN's layouts, which runs on one
     # core per weight: a thread per core shortens loading (int8 SmolLM2-135M: 0.7 -> 0.4 s).
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         lm_head = pool.submit(linear_from_state, "lm_head")
         layers = list(pool.map(layer, range(config.num_hidden_layers)))
-        return LlamaModel(config, embed, layers, get("norm"), lm_head.result())
+        model = LlamaModel(config, embed, layers, get("norm"), lm_head.result())
+    if lib is not None:
+        model.use_native(lib)
+    return model

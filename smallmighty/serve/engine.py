@@ -370,15 +370,13 @@ class Engine:
         rope = model.rope(slots)
         pads = torch.tensor([longest - len(p) for p in prompts])
         ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-        padded = bool(pads.any())
-        if padded:
+        if bool(pads.any()):
             positions = (torch.arange(longest)[None, :] - pads[:, None]).clamp(min=0)
-            visible = torch.arange(slots)[None, :] >= pads[:, None]  # [B, slots]: not padding
+            visible = torch.arange(longest)[None, :] >= pads[:, None]  # [B, longest]: not padding
             causal = torch.ones(longest, longest, dtype=torch.bool).tril()
             # Padding queries see themselves, so no softmax row is empty (their output is unused).
-            allowed = (causal & visible[:, None, :longest]) | torch.eye(longest, dtype=torch.bool)
+            allowed = (causal & visible[:, None, :]) | torch.eye(longest, dtype=torch.bool)
             logits = model(ids, cache, 0, rope[positions][:, :, None], additive_mask(allowed)[:, None])
-            step_mask = additive_mask(visible)[:, None, None]
         else:
             logits = model(ids, cache, 0, rope[None, :longest, None])
         chooser = TokenChooser(settings, prompts, model.config.vocab_size)
@@ -388,8 +386,4 @@ class Engine:
             if step == new - 1:
                 return
             slot = longest + step
-            if padded:
-                logits = model(chosen[:, None], cache, slot, rope[slot - pads][:, None, None],
-                               step_mask[..., : slot + 1])
-            else:
-                logits = model(chosen[:, None], cache, slot, rope[None, slot:slot + 1, None])
+            logits = model.decode(chosen, cache, slot, pads, rope[slot - pads])

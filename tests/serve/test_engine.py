@@ -327,8 +327,8 @@ def test_smollm2_quantized_perplexity_stays_close_to_fp32(smollm2_dir, shared_da
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_batched_decoding_agrees_with_one_sequence_at_a_time(model_dir, precision):
-    # A batch of decode rows takes other kernels than a single row (see QuantizedLinear):
-    # both must give the same logits up to activation rounding.
+    # A batch takes other kernels than a single row (prompt: see QuantizedLinear; decode: other
+    # rows per pass in the native step): both must give the same logits up to activation rounding.
     model = Engine.from_pretrained(model_dir, precision=precision).model
     prompt = torch.tensor([PROMPTS[2]])
     rope = model.rope(10)
@@ -337,7 +337,8 @@ def test_quantized_batched_decoding_agrees_with_one_sequence_at_a_time(model_dir
         for batch in (1, 3):
             cache = model.new_cache(batch, 10)
             model(prompt.expand(batch, -1), cache, 0, rope[None, :9, None])
-            step = model(torch.tensor([[7]] * batch), cache, 9, rope[None, 9:10, None])
+            step = model.decode(torch.tensor([7] * batch), cache, 9, torch.zeros(batch, dtype=torch.long),
+                                rope[9:10].expand(batch, -1))
             logits.append(step)
     one, batched = logits
     assert torch.equal(batched[0], batched[2])  # rows of one batch never mix

@@ -1,0 +1,535 @@
+/* One decode step of a Llama-family model for a batch of sequences, in plain C with OpenMP.
+ *
+ * Why C: decoding one token is reading every weight once, and at int8 SmolLM2-135M that is
+ * ~135 MB, about 6 ms at this CPU's memory speed. Running the same step as ~1,700 torch operator
+ * calls costs ~4 ms of call overhead on top, and torch's weight-only int8 kernel reads weights at
+ * about half of memory speed. Here the whole step (30 layers and the vocabulary projection) is one
+ * call: one OpenMP parallel region, every matrix split by rows between the threads, and small
+ * operations (RMSNorm, rotary embedding, SwiGLU, residual adds) fused into the matmul loops.
+ *
+ * The layout is the one `smallmighty.models.llama` builds: q/k/v fused into one matrix with q
+ * pre-scaled by 1/sqrt(head_dim) and each head's rotary pairs interleaved (x0, y0, x1, y1, ...);
+ * gate/up fused; the cache of each layer is [batch, 2 * kv_heads, slots, head_dim] with keys in
+ * the first kv_heads channels. Weights are float32 [out, in], int8 [out, in] with one scale per
+ * row, or int4 codes [out, in / 2] (even input in the low nibble) with a bfloat16 (scale, zero)
+ * pair per group of inputs: w = (q - 8) * scale + zero.
+ *
+ * Activations stay float32: weights are widened to float in registers, so the result equals the
+ * dequantized weights times the activations up to float32 summation order.
+ *
+ * The vector code uses GCC vector extensions; built with -march=native they become AVX-512 (or
+ * AVX2, or NEON) instructions.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+enum { KIND_F32 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
+/* Rows of activations multiplied per pass over a weight row: each weight load serves them all. */
+#define MAXB 8
+/* Most weight rows per pass (with few activation rows: more independent FMA chains). */
+#define MAXR 4
+#ifndef PREFETCH
+#define PREFETCH 4096
+#endif
+
+typedef struct {
+    int32_t kind, out, in, group;
+    const void *weight;      /* f32 [out, in] | int8 [out, in] | uint8 [out, in / 2] */
+    const float *scale;      /* int8: [out] */
+    const uint16_t *params;  /* int4: bfloat16 (scale, zero) [out, in / group, 2] */
+    const float *bias;       /* [out] or NULL */
+} Linear;
+
+typedef struct {
+    Linear qkv, o, gate_up, down;
+    const float *attn_norm, *mlp_norm;
+} Layer;
+
+typedef struct {
+    int32_t hidden, inter, heads, kv_heads, head_dim, layers, vocab;
+    float eps;
+    const Layer *layer;
+    const float *norm;
+    Linear lm_head;
+} Model;
+
+/* Per-step scratch, shared by the threads. */
+typedef struct {
+    float *xn;      /* normalised input of the next matmul [batch, max_in] */
+    float *xperm;   /* int4 input, each group reordered to (even inputs, odd inputs) */
+    float *xsum;    /* int4 input, sum over each group [batch, max_in / group] */
+    int16_t *xq;    /* int8 input for VNNI: 16-bit codes [batch, max_in] */
+    float *xstep;   /* int8 input for VNNI: per row, the value of one 16-bit step [batch] */
+    float *qkv;     /* [batch, (heads + 2 * kv_heads) * head_dim] */
+    float *att;     /* [batch, heads * head_dim] */
+    float *act;     /* [batch, inter] */
+    float *scores;  /* per thread [slots] */
+    int max_in;
+} Scratch;
+
+/* The input rows of one matmul, as its weight kind's kernel reads them. */
+typedef struct {
+    const float *x;        /* float rows (int4: reordered per group) */
+    int ld;
+    const float *sum;      /* int4: per-group sums of x */
+    int ldsum;
+    const int16_t *q;      /* int8 with VNNI: 16-bit codes of x */
+    int ldq;
+    const float *step;     /* int8 with VNNI: per row, the value of one code step */
+} Input;
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+/* Sum of the 16 lanes as a tree (4 dependent adds rather than 16). */
+static inline float hsum(f32x16 v) {
+    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline float bf16(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline f32x16 load_f32(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, 64);
+    return v;
+}
+
+/* int8/uint8 -> float widening: GCC lowers a generic vector conversion of these to scalar code,
+ * so x86 gets the one-instruction widenings by hand. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline f32x16 load_i8(const int8_t *p) {
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline f32x16 widen_u8(u8x16 v) {
+    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)v));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline f32x16 halves(__m256 lo, __m256 hi) {
+    f32x16 v;
+    memcpy(&v, &lo, 32);
+    memcpy((char *)&v + 32, &hi, 32);
+    return v;
+}
+static inline f32x16 load_i8(const int8_t *p) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return halves(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                  _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+}
+static inline f32x16 widen_u8(u8x16 u) {
+    __m128i v = (__m128i)u;
+    return halves(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
+                  _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
+}
+#else
+static inline f32x16 load_i8(const int8_t *p) {
+    f32x16 v;
+    for (int i = 0; i < 16; i++) v[i] = p[i];
+    return v;
+}
+static inline f32x16 widen_u8(u8x16 u) {
+    f32x16 v;
+    for (int i = 0; i < 16; i++) v[i] = u[i];
+    return v;
+}
+#endif
+
+enum { STORE = 0, ADD = 1, SWIGLU = 2 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VNNI 1
+/* Inputs summed per int32 accumulator before it is added into a float: 4096 products of a 16-bit
+ * input code and a 7-bit weight stay below 2^31 in each lane. */
+#define VNNI_CHUNK 4096
+
+/* int8 rows with the CPU's 16-bit dot-product instruction (32 multiply-adds per instruction into
+ * int32, where float32 needs a widening, a conversion and an FMA per 16): each input value is a
+ * 16-bit integer code against its row's largest magnitude, each weight widened to 16 bits. */
+static inline __attribute__((always_inline)) void dot_rows_vnni(const Linear *L, const int *n,
+                                                                  int R, int B, const Input *in,
+                                                                  float *out) {
+    const int K = L->in, K32 = K & ~31;
+    const int8_t *w[MAXR];
+    float total[MAXR][MAXB];
+    for (int r = 0; r < R; r++) {
+        w[r] = (const int8_t *)L->weight + (size_t)n[r] * K;
+        for (int b = 0; b < B; b++) total[r][b] = 0.0f;
+    }
+    const char *ahead = (const char *)w[0] + PREFETCH; /* see dot_rows */
+    for (int k0 = 0; k0 < K32; k0 += VNNI_CHUNK) {
+        const int k1 = k0 + VNNI_CHUNK < K32 ? k0 + VNNI_CHUNK : K32;
+        __m512i acc[MAXR][MAXB];
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < B; b++) acc[r][b] = _mm512_setzero_si512();
+        for (int k = k0; k < k1; k += 32) {
+            if ((k & 63) == 0)
+                for (int line = 0; line < R * 64; line += 64) __builtin_prefetch(ahead + k * R + line);
+            __m512i wv[MAXR];
+            for (int r = 0; r < R; r++)
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w[r] + k)));
+            for (int b = 0; b < B; b++) {
+                const __m512i q = _mm512_loadu_si512(in->q + (size_t)b * in->ldq + k);
+                for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpwssd_epi32(acc[r][b], q, wv[r]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < B; b++) total[r][b] += (float)_mm512_reduce_add_epi32(acc[r][b]);
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            const int16_t *q = in->q + (size_t)b * in->ldq;
+            int32_t tail = 0;
+            for (int k = K32; k < K; k++) tail += q[k] * w[r][k];
+            const float v = (total[r][b] + (float)tail) * in->step[b] * L->scale[n[r]];
+            out[r * B + b] = L->bias ? v + L->bias[n[r]] : v;
+        }
+}
+#endif
+
+/* Dot products of R weight rows n[0..R) with B input rows: out[r * B + b]. Several weight rows per
+ * pass give independent FMA chains even at B = 1; rows may repeat (a matrix's leftover rows are
+ * padded with its last row). */
+static inline __attribute__((always_inline)) void dot_rows(const Linear *L, int kind, const int *n,
+                                                             int R, int B, const Input *in,
+                                                             float *out) {
+#ifdef VNNI
+    if (kind == KIND_INT8) {
+        dot_rows_vnni(L, n, R, B, in, out);
+        return;
+    }
+#endif
+    const int K = L->in, ldx = in->ld;
+    const float *x = in->x;
+    /* Fixed-size arrays (not VLAs), so that after inlining with constant R and B the compiler
+     * keeps them in registers. */
+    f32x16 acc[MAXR][MAXB];
+    float tail[MAXR][MAXB];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            acc[r][b] = (f32x16){0};
+            tail[r][b] = 0.0f;
+        }
+    if (kind == KIND_F32 || kind == KIND_INT8) {
+        const int wide = kind == KIND_F32;
+        const char *w[MAXR];
+        for (int r = 0; r < R; r++) w[r] = (const char *)L->weight + (size_t)n[r] * K * (wide ? 4 : 1);
+        /* The R rows are one contiguous block (rows n[0]..n[0]+R-1) read 16 inputs at a time, so
+         * each step reads R * 16 weights of it: prefetch that much memory PREFETCH bytes ahead.
+         * Rows are short (576 inputs: 9 to 36 cache lines) and pages small (4 KiB), too short
+         * for the hardware prefetcher to follow; without this a core waits on memory. */
+        const int step = R * 16 * (wide ? 4 : 1);
+        const char *ahead = w[0] + PREFETCH;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            for (int line = 0; line < step; line += 64) __builtin_prefetch(ahead + k / 16 * step + line);
+            f32x16 wv[MAXR];
+            for (int r = 0; r < R; r++)
+                wv[r] = wide ? load_f32((const float *)w[r] + k) : load_i8((const int8_t *)w[r] + k);
+            for (int b = 0; b < B; b++) {
+                f32x16 xv = load_f32(x + (size_t)b * ldx + k);
+                for (int r = 0; r < R; r++) acc[r][b] += wv[r] * xv;
+            }
+        }
+        for (; k < K; k++)
+            for (int r = 0; r < R; r++) {
+                const float wk = wide ? ((const float *)w[r])[k] : ((const int8_t *)w[r])[k];
+                for (int b = 0; b < B; b++) tail[r][b] += wk * x[(size_t)b * ldx + k];
+            }
+    } else { /* int4: x is reordered per group (evens then odds); groups are multiples of 32 */
+        const int G = L->group, groups = K / G;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *w = (const uint8_t *)L->weight + (size_t)n[r] * (K / 2);
+            const uint16_t *p = L->params + (size_t)n[r] * groups * 2;
+            for (int g = 0; g < groups; g++) {
+                const float s = bf16(p[2 * g]), z = bf16(p[2 * g + 1]) - 8.0f * s;
+                f32x16 dot[MAXB];
+                for (int b = 0; b < B; b++) dot[b] = (f32x16){0};
+                for (int j = 0; j < G / 2; j += 16) {
+                    u8x16 codes;
+                    memcpy(&codes, w + g * (G / 2) + j, 16);
+                    f32x16 lo = widen_u8(codes & 15), hi = widen_u8(codes >> 4);
+                    for (int b = 0; b < B; b++) {
+                        const float *xb = x + (size_t)b * ldx + g * G + j;
+                        dot[b] += lo * load_f32(xb) + hi * load_f32(xb + G / 2);
+                    }
+                }
+                for (int b = 0; b < B; b++) {
+                    acc[r][b] += dot[b] * s;
+                    tail[r][b] += z * in->sum[(size_t)b * in->ldsum + g];
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float v = hsum(acc[r][b]) + tail[r][b];
+            if (kind == KIND_INT8) v *= L->scale[n[r]];
+            out[r * B + b] = L->bias ? v + L->bias[n[r]] : v;
+        }
+}
+
+/* Rows per pass by weight kind and batch, measured on a 2-core Zen 4: at batch 1 float32 streams
+ * best one row at a time (38 GB/s against 27 with four) and int8 four at a time (fewer
+ * accumulator chains leave it compute-bound). */
+static inline int rows_per_pass(int kind, int nb) {
+    return nb >= 4 ? 2 : kind == KIND_F32 ? 1 : 4;
+}
+
+/* The rows of one matmul shared out between the threads, R at a time, for nb <= MAXB inputs. */
+static inline __attribute__((always_inline)) void rows_pass(const Linear *L, int kind, int nb,
+                                                              int rows, const Input *in, float *y,
+                                                              int ldy, int mode) {
+    const int R = rows_per_pass(kind, nb);
+#pragma omp for schedule(static)
+    for (int block = 0; block < (rows + R - 1) / R; block++) {
+        int n[MAXR], up[MAXR];
+        const int n0 = block * R, count = rows - n0 < R ? rows - n0 : R;
+        for (int r = 0; r < R; r++) {
+            n[r] = n0 + (r < count ? r : count - 1);
+            up[r] = rows + n[r];
+        }
+        float out[MAXR * MAXB];
+        dot_rows(L, kind, n, R, nb, in, out);
+        if (mode == SWIGLU) {
+            float u[MAXR * MAXB];
+            dot_rows(L, kind, up, R, nb, in, u);
+            for (int i = 0; i < R * nb; i++) out[i] = out[i] / (1.0f + expf(-out[i])) * u[i];
+        }
+        for (int r = 0; r < count; r++)
+            for (int b = 0; b < nb; b++) {
+                float *dst = y + (size_t)b * ldy + n0 + r;
+                *dst = mode == ADD ? *dst + out[r * nb + b] : out[r * nb + b];
+            }
+    }
+}
+
+/* One function per weight kind and number of input rows, so that each keeps its accumulators in
+ * registers (constants R and nb) and holds only its own kernel. */
+typedef void (*Pass)(const Linear *, int, const Input *, float *, int, int);
+#define PASS(kind, b)                                                                          \
+    static void pass_##kind##_##b(const Linear *L, int rows, const Input *in, float *y, int ldy, \
+                                  int mode) {                                                  \
+        rows_pass(L, kind, b, rows, in, y, ldy, mode);                                         \
+    }
+#define PASSES(kind) PASS(kind, 1) PASS(kind, 2) PASS(kind, 3) PASS(kind, 4) PASS(kind, 5) \
+                     PASS(kind, 6) PASS(kind, 7) PASS(kind, 8)
+PASSES(KIND_F32)
+PASSES(KIND_INT8)
+PASSES(KIND_INT4)
+#define ROW(kind) {pass_##kind##_1, pass_##kind##_2, pass_##kind##_3, pass_##kind##_4, \
+                   pass_##kind##_5, pass_##kind##_6, pass_##kind##_7, pass_##kind##_8}
+static const Pass PASS_TABLE[3][MAXB] = {ROW(KIND_F32), ROW(KIND_INT8), ROW(KIND_INT4)};
+#undef ROW
+#undef PASSES
+#undef PASS
+
+/* Prepare the input x [B, K] (row stride ldx) the way the kernel of L's weight kind reads it. */
+static Input prepare(const Linear *L, int B, const float *x, int ldx, Scratch *s) {
+    const int K = L->in;
+    Input in = {x, ldx, s->xsum, 0, s->xq, K, s->xstep};
+    if (L->kind == KIND_INT4) {
+        const int G = L->group;
+        in.x = s->xperm;
+        in.ld = K;
+        in.ldsum = K / G;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int g = 0; g < K / G; g++) {
+                const float *src = x + (size_t)b * ldx + g * G;
+                float *dst = s->xperm + (size_t)b * K + g * G, sum = 0.0f;
+                for (int j = 0; j < G / 2; j++) {
+                    dst[j] = src[2 * j];
+                    dst[G / 2 + j] = src[2 * j + 1];
+                    sum += src[2 * j] + src[2 * j + 1];
+                }
+                s->xsum[(size_t)b * in.ldsum + g] = sum;
+            }
+    }
+#ifdef VNNI
+    if (L->kind == KIND_INT8) {
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            const float *row = x + (size_t)b * ldx;
+            int16_t *q = s->xq + (size_t)b * K;
+            float top = 0.0f;
+            for (int k = 0; k < K; k++) top = fabsf(row[k]) > top ? fabsf(row[k]) : top;
+            const float to_code = top > 0.0f ? 32767.0f / top : 0.0f;
+            s->xstep[b] = top / 32767.0f;
+            for (int k = 0; k < K; k++) q[k] = (int16_t)rintf(row[k] * to_code); /* vectorises */
+        }
+    }
+#endif
+    return in;
+}
+
+/* y = x W^T for B rows of x [B, in] (row stride ldx), called by every thread of the region.
+ * mode STORE: y[b, n] = result; ADD: y[b, n] += result (residual); SWIGLU: W holds gate rows then
+ * up rows, y[b, n] = silu(gate_n) * up_n for n < out / 2. */
+static void linear(const Linear *L, int B, const float *x, int ldx, float *y, int ldy, int mode,
+                   Scratch *s) {
+    const Input all = prepare(L, B, x, ldx, s);
+    const int rows = mode == SWIGLU ? L->out / 2 : L->out;
+    for (int b0 = 0; b0 < B; b0 += MAXB) {
+        const int nb = B - b0 < MAXB ? B - b0 : MAXB;
+        Input in = all;
+        in.x += (size_t)b0 * in.ld;
+        in.sum += (size_t)b0 * in.ldsum;
+        in.q += (size_t)b0 * in.ldq;
+        in.step += b0;
+        PASS_TABLE[L->kind][nb - 1](L, rows, &in, y + (size_t)b0 * ldy, ldy, mode);
+    }
+}
+
+static void rms_norm(const float *x, const float *w, int n, float eps, float *y) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) y[i] = x[i] * inv * w[i];
+}
+
+/* Rotate interleaved (x, y) pairs by the complex rotations rope [pairs] (cos, sin). */
+static void rotate(float *v, const float *rope, int pairs) {
+    for (int i = 0; i < pairs; i++) {
+        const float a = v[2 * i], b = v[2 * i + 1], c = rope[2 * i], s = rope[2 * i + 1];
+        v[2 * i] = a * c - b * s;
+        v[2 * i + 1] = a * s + b * c;
+    }
+}
+
+/* q . k for one head (head sizes that are multiples of 16 in vector registers). */
+static inline float head_dot(const float *q, const float *k, int d) {
+    if (d % 16 == 0) {
+        f32x16 acc = {0};
+        for (int i = 0; i < d; i += 16) acc += load_f32(q + i) * load_f32(k + i);
+        return hsum(acc);
+    }
+    float dot = 0.0f;
+    for (int i = 0; i < d; i++) dot += q[i] * k[i];
+    return dot;
+}
+
+/* One query head attending over cache slots [first, slot] of its key/value head. */
+static void attend(const float *q, const float *keys, const float *values, int first, int slot,
+                   int d, float *scores, float *out) {
+    float top = -INFINITY;
+    for (int t = first; t <= slot; t++) {
+        scores[t] = head_dot(q, keys + (size_t)t * d, d);
+        top = scores[t] > top ? scores[t] : top;
+    }
+    float total = 0.0f;
+    for (int t = first; t <= slot; t++) {
+        scores[t] = expf(scores[t] - top);
+        total += scores[t];
+    }
+    const float norm = 1.0f / total;
+    if (d % 16 == 0) { /* 16 output values at a time, their sums held in a register */
+        for (int i = 0; i < d; i += 16) {
+            f32x16 acc = {0};
+            for (int t = first; t <= slot; t++) acc += scores[t] * load_f32(values + (size_t)t * d + i);
+            acc *= norm;
+            memcpy(out + i, &acc, 64);
+        }
+        return;
+    }
+    for (int i = 0; i < d; i++) out[i] = 0.0f;
+    for (int t = first; t <= slot; t++) {
+        const float p = scores[t] * norm, *v = values + (size_t)t * d;
+        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    }
+}
+
+/* Decode one token for each of `batch` sequences.
+ *
+ * h [batch, hidden]: the new tokens' embeddings (overwritten: it is the residual stream).
+ * kv: per layer, the cache [batch, 2 * kv_heads, slots, head_dim]; this step writes slot `slot`.
+ * first [batch]: the first cache slot each sequence may attend to (left padding comes before it).
+ * rope [batch, head_dim / 2, 2]: (cos, sin) of each sequence's position.
+ * logits [batch, vocab]: output. Returns 0, or -1 when scratch memory cannot be allocated. */
+int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots, int slot,
+               const int64_t *first, const float *rope, float *logits, int threads) {
+    const int hq = m->heads, hk = m->kv_heads, d = m->head_dim, hidden = m->hidden;
+    const int qkv_width = (hq + 2 * hk) * d;
+    Scratch s;
+    s.max_in = hidden > m->inter ? hidden : m->inter;
+    if (hq * d > s.max_in) s.max_in = hq * d;
+    const size_t n_xn = (size_t)batch * s.max_in, n_qkv = (size_t)batch * qkv_width,
+                 n_att = (size_t)batch * hq * d, n_act = (size_t)batch * m->inter,
+                 n_scores = (size_t)threads * slots;
+    /* xq needs 2 bytes per input value: half a float. */
+    float *buffer = malloc(sizeof(float) * (3 * n_xn + n_xn / 2 + batch + n_qkv + n_att + n_act +
+                                            n_scores) + 64);
+    if (!buffer) return -1;
+    s.xn = buffer;
+    s.xperm = s.xn + n_xn;
+    s.xsum = s.xperm + n_xn;
+    s.xstep = s.xsum + n_xn;
+    s.qkv = s.xstep + batch;
+    s.xq = (int16_t *)(s.qkv + n_qkv + n_att + n_act + n_scores);
+    s.att = s.qkv + n_qkv;
+    s.act = s.att + n_att;
+    s.scores = s.act + n_act;
+
+#pragma omp parallel num_threads(threads)
+    {
+        for (int l = 0; l < m->layers; l++) {
+            const Layer *L = &m->layer[l];
+            float *cache = kv[l];
+#pragma omp for schedule(static)
+            for (int b = 0; b < batch; b++)
+                rms_norm(h + (size_t)b * hidden, L->attn_norm, hidden, m->eps, s.xn + (size_t)b * hidden);
+            linear(&L->qkv, batch, s.xn, hidden, s.qkv, qkv_width, STORE, &s);
+#pragma omp for schedule(static)
+            for (int b = 0; b < batch; b++) {
+                float *row = s.qkv + (size_t)b * qkv_width;
+                const float *r = rope + (size_t)b * d;
+                for (int head = 0; head < hq + hk; head++) rotate(row + head * d, r, d / 2);
+                for (int c = 0; c < 2 * hk; c++)
+                    memcpy(cache + (((size_t)b * 2 * hk + c) * slots + slot) * d,
+                           row + (hq + c) * d, sizeof(float) * d);
+            }
+#pragma omp for collapse(2) schedule(static)
+            for (int b = 0; b < batch; b++)
+                for (int head = 0; head < hq; head++) {
+                    const int g = head / (hq / hk);
+                    const float *keys = cache + ((size_t)b * 2 * hk + g) * slots * d;
+                    const float *values = cache + ((size_t)b * 2 * hk + hk + g) * slots * d;
+                    float *scores = s.scores;
+#ifdef _OPENMP
+                    scores += (size_t)omp_get_thread_num() * slots;
+#endif
+                    attend(s.qkv + (size_t)b * qkv_width + head * d, keys, values, (int)first[b],
+                           slot, d, scores, s.att + ((size_t)b * hq + head) * d);
+                }
+            linear(&L->o, batch, s.att, hq * d, h, hidden, ADD, &s);
+#pragma omp for schedule(static)
+            for (int b = 0; b < batch; b++)
+                rms_norm(h + (size_t)b * hidden, L->mlp_norm, hidden, m->eps, s.xn + (size_t)b * hidden);
+            linear(&L->gate_up, batch, s.xn, hidden, s.act, m->inter, SWIGLU, &s);
+            linear(&L->down, batch, s.act, m->inter, h, hidden, ADD, &s);
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < batch; b++)
+            rms_norm(h + (size_t)b * hidden, m->norm, hidden, m->eps, s.xn + (size_t)b * hidden);
+        linear(&m->lm_head, batch, s.xn, hidden, logits, m->vocab, STORE, &s);
+    }
+    free(buffer);
+    return 0;
+}

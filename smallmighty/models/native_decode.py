@@ -1,0 +1,184 @@
+"""Build and call `llama_decode.c`: the whole decode step of a Llama model as one native call.
+
+Why: at batch 1 a decode step is bound by reading the weights, and run as torch operators it also
+pays ~55 operator calls per layer plus torch's int8 kernel reading weights at about half of memory
+speed (see the C file). The C step is compiled on first use with the machine's C compiler
+(`$CC`, else `cc`) for this CPU (`-march=native`), cached under `~/.cache/smallmighty/kernels`
+keyed on the source, flags and CPU, and loaded with ctypes, so the package stays pure Python.
+Without a compiler, or with `SLM_NATIVE=0`, the engine runs the same step with torch operators.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smallmighty.io import atomic_path
+
+SOURCE = Path(__file__).with_name("llama_decode.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+
+#: Weight kinds (what a layer's `native_weights()` names) as the C code numbers them.
+KINDS = {"f32": 0, "int8": 1, "int4": 2}
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("out", ctypes.c_int32), ("inp", ctypes.c_int32),
+                ("group", ctypes.c_int32), ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("params", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int32), ("inter", ctypes.c_int32), ("heads", ctypes.c_int32),
+                ("kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32), ("layers", ctypes.c_int32),
+                ("vocab", ctypes.c_int32), ("eps", ctypes.c_float), ("layer", ctypes.POINTER(_Layer)),
+                ("norm", ctypes.c_void_p), ("lm_head", _Linear)]
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux) or its name elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_cache_dir() -> Path:
+    """`$SLM_CACHE_DIR/kernels`, else `~/.cache/smallmighty/kernels` (beside the model cache)."""
+    from smallmighty.models.causal_lm import default_cache_dir
+
+    return default_cache_dir().parent / "kernels"
+
+
+def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile the C step (once per source, flags, compiler and CPU) and return the library path.
+
+    Raises OSError or subprocess.CalledProcessError when no working compiler is found.
+    """
+    compiler = compiler or os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise OSError(f"no C compiler '{compiler}' on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_key().encode()])).hexdigest()[:16]
+    target = (cache_dir or kernel_cache_dir()) / f"llama_decode-{key}.so"
+    if not target.is_file():
+        print("Compiling the native decode step for this CPU (once, about 2 s).", file=sys.stderr)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
+                           capture_output=True, timeout=300)
+    return target
+
+
+_LIBRARY: Any = None
+
+
+def library() -> Any:
+    """The loaded C library, or None when it is switched off (`SLM_NATIVE=0`) or cannot be built."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = False
+        if os.environ.get("SLM_NATIVE", "1") != "0":
+            try:
+                lib = ctypes.CDLL(str(build()))
+            except (OSError, subprocess.SubprocessError) as err:
+                detail = getattr(err, "stderr", b"") or b""
+                print(f"Native decode step unavailable ({err}{': ' if detail else ''}"
+                      f"{detail.decode(errors='replace')[:500]}); using torch operators.",
+                      file=sys.stderr)
+            else:
+                lib.slm_decode.restype = ctypes.c_int
+                lib.slm_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int]
+                _LIBRARY = lib
+    return _LIBRARY or None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeDecoder:
+    """A `LlamaModel`'s weights described to the C step, and the call that runs it.
+
+    It reads the model's own tensors (no copies, except int4's scale/zero pairs in bfloat16), so
+    it must not outlive the model; it keeps references to everything it points at.
+    """
+
+    def __init__(self, model: Any, lib: Any) -> None:
+        self.lib = lib
+        self._keep: list[torch.Tensor] = []
+        c = model.config
+        layers = (_Layer * c.num_hidden_layers)()
+        for spec, layer in zip(layers, model.layers):
+            spec.qkv, spec.o = self._linear(layer.qkv), self._linear(layer.o)
+            spec.gate_up, spec.down = self._linear(layer.gate_up), self._linear(layer.down)
+            spec.attn_norm, spec.mlp_norm = self._tensor(layer.attn_norm), self._tensor(layer.mlp_norm)
+        self._layers = layers
+        self.spec = _Model(hidden=c.hidden_size, inter=c.intermediate_size, heads=c.num_attention_heads,
+                           kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                           layers=c.num_hidden_layers, vocab=c.vocab_size, eps=c.rms_norm_eps,
+                           layer=layers, norm=self._tensor(model.norm),
+                           lm_head=self._linear(model.lm_head))
+        self.vocab = c.vocab_size
+
+    def _tensor(self, t: torch.Tensor) -> int:
+        t = t.float().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _linear(self, module: Any) -> _Linear:
+        bias = None if module.bias is None else self._tensor(module.bias)
+        kind, tensors = module.native_weights()
+        weight, scale, params = tensors + (None,) * (3 - len(tensors))
+        self._keep.extend(t for t in tensors if t is not None)
+        return _Linear(kind=KINDS[kind], out=module.out_features, inp=module.in_features,
+                       group=getattr(module, "group_size", 0), weight=_ptr(weight),
+                       scale=_ptr(scale), params=_ptr(params), bias=bias)
+
+    def __call__(self, h: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
+                 rope: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for one new token per row; see `slm_decode` in the C file for the arguments.
+
+        `h` [B, hidden] float32 (overwritten), `first` [B] int64, `rope` [B, head_dim / 2] complex64.
+        """
+        batch = h.shape[0]
+        # Local names keep any contiguous copies alive until the call returns.
+        h = h.float().contiguous()
+        first = first.to(torch.int64).contiguous()
+        rope = rope.contiguous()
+        if not all(kv.is_contiguous() and kv.dtype == torch.float32 for kv in cache):
+            raise ValueError("the native decode step needs contiguous float32 caches (LlamaModel.new_cache)")
+        logits = torch.empty(batch, self.vocab)
+        pointers = (ctypes.c_void_p * len(cache))(*[kv.data_ptr() for kv in cache])
+        status = self.lib.slm_decode(ctypes.byref(self.spec), batch, h.data_ptr(), pointers,
+                                     cache[0].shape[2], slot, first.data_ptr(), rope.data_ptr(),
+                                     logits.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("native decode step: out of memory for its scratch buffers")
+        return logits
+
+
+def supports(model: Any) -> bool:
+    """Whether the C step reads every layer of `model` (see each layer's `native_weights`)."""
+    return all(m.native_weights() is not None for m in model.linears())

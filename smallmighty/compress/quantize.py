@@ -307,12 +307,16 @@ def quantize_state(state: dict[str, torch.Tensor], plan: dict[str, str]) -> dict
 
 
 def quantized_linear_from_state(state: dict[str, torch.Tensor], name: str) -> QuantizedLinear:
-    """The quantized Linear module stored under `name` in a state dict: Int8Linear or Int4Linear."""
-    bias = state.get(f"{name}.bias")
+    """The quantized Linear module stored under `name` in a state dict: Int8Linear or Int4Linear.
+
+    Pops the entries it uses, so the module holds the only reference to its tensors.
+    """
+    bias = state.pop(f"{name}.bias", None)
     if f"{name}.qweight" in state:
-        return Int8Linear(state[f"{name}.qweight"], state[f"{name}.scale"], bias)
+        return Int8Linear(state.pop(f"{name}.qweight"), state.pop(f"{name}.scale"), bias)
     if f"{name}.packed" in state:
-        return Int4Linear(state[f"{name}.packed"], state[f"{name}.scale"], state[f"{name}.zero"], bias)
+        return Int4Linear(state.pop(f"{name}.packed"), state.pop(f"{name}.scale"),
+                          state.pop(f"{name}.zero"), bias)
     raise SlmError(f"weights for layer '{name}' are missing")
 
 

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -114,6 +114,78 @@ def library() -> Any:
     return _LIBRARY or None
 
 
+#: Size of a transparent huge page on x86-64 and most arm64 kernels.
+HUGE_PAGE = 2 << 20
+
+
+def move_weights_to_huge_pages(model: Any) -> None:
+    """Re-home the weight matrices of `model` in one mapping advised to use 2 MiB pages.
+
+    Why: a decode step streams every weight once. With 4 KiB pages SmolLM2-135M's 118-470 MB of
+    weights span 30-115 thousand pages, far more than the TLB holds, and the hardware prefetchers
+    stop at every page edge; on huge pages the same float32 step ran 10-17% faster (2-core Zen 4).
+    Each weight is copied and its old tensor rebound at once (in the module and, for tied float32
+    embeddings, the model), so memory grows by at most one matrix on the way. Where the kernel
+    offers no huge pages (or no `madvise`), the copies live on ordinary pages and cost nothing.
+    """
+    import mmap
+
+    linears = model.linears()
+    weights = [m.native_weights()[1][0] for m in linears]
+    sizes = [-(-w.nbytes // 64) * 64 for w in weights]
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    # Private anonymous memory: a shared mapping would be shmem, which ignores the advice.
+    region = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=flags)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    base = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+    offset = (-base.data_ptr()) % HUGE_PAGE
+    del weights
+    release = _file_page_release()
+    for module, size in zip(linears, sizes):
+        old = module.native_weights()[1][0]
+        new = base[offset: offset + old.nbytes].view(old.dtype).view(old.shape).copy_(old)
+        offset += size
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.data_ptr() == old.data_ptr() and buffer.shape == old.shape:
+                setattr(module, name, new)
+        if model.embed is not None and model.embed.data_ptr() == old.data_ptr():
+            model.embed = new
+        release(old.data_ptr(), old.nbytes)
+
+
+def _file_page_release() -> Callable[[int, int], None]:
+    """A function that drops this process's copies of file pages in [address, address + size).
+
+    Weights read from a safetensors file (the quantized cache) live in its memory map, which
+    stays mapped while any tensor of the file (a scale, a norm) is alive: the pages just copied
+    would stay resident, counting twice against memory. Dropping them is safe for file-backed
+    pages (they would be read from the file again); anonymous memory is left to its allocator.
+    """
+    import ctypes.util
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        with open("/proc/self/maps", encoding="ascii") as maps:
+            files = []
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    low, high = (int(x, 16) for x in fields[0].split("-"))
+                    files.append((low, high))
+    except (OSError, AttributeError):
+        return lambda address, size: None
+    page = mmap.PAGESIZE
+
+    def release(address: int, size: int) -> None:
+        start, end = -(-address // page) * page, (address + size) // page * page
+        if end > start and any(low <= start and end <= high for low, high in files):
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
+
+    return release
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -121,11 +193,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class NativeDecoder:
     """A `LlamaModel`'s weights described to the C step, and the call that runs it.
 
-    It reads the model's own tensors (no copies, except int4's scale/zero pairs in bfloat16), so
-    it must not outlive the model; it keeps references to everything it points at.
+    It first moves the model's weight matrices onto huge pages (`move_weights_to_huge_pages`),
+    then reads the model's own tensors (no copies, except int4's scale/zero pairs in bfloat16);
+    it keeps references to everything it points at.
     """
 
     def __init__(self, model: Any, lib: Any) -> None:
+        move_weights_to_huge_pages(model)
         self.lib = lib
         self._keep: list[torch.Tensor] = []
         c = model.config

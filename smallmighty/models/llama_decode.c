@@ -426,6 +426,22 @@ static inline float head_dot(const float *q, const float *k, int d) {
     return dot;
 }
 
+/* out = norm * sum_t p[t] v[t] for head size D (a constant after inlining): all D / 16 partial sums
+ * stay in registers while t advances, so the additions form D / 16 independent chains rather than
+ * one chain per 16 outputs (which waited on the FMA latency at every slot). */
+static inline __attribute__((always_inline)) void weighted_sum(const float *p, const float *values,
+                                                                 int first, int slot, int D,
+                                                                 float norm, float *out) {
+    f32x16 acc[8];
+    for (int c = 0; c < D / 16; c++) acc[c] = (f32x16){0};
+    for (int t = first; t <= slot; t++)
+        for (int c = 0; c < D / 16; c++) acc[c] += p[t] * load_f32(values + (size_t)t * D + 16 * c);
+    for (int c = 0; c < D / 16; c++) {
+        const f32x16 v = acc[c] * norm;
+        memcpy(out + 16 * c, &v, 64);
+    }
+}
+
 /* One query head attending over cache slots [first, slot] of its key/value head. */
 static void attend(const float *q, const float *keys, const float *values, int first, int slot,
                    int d, float *scores, float *out) {
@@ -440,13 +456,12 @@ static void attend(const float *q, const float *keys, const float *values, int f
         total += scores[t];
     }
     const float norm = 1.0f / total;
-    if (d % 16 == 0) { /* 16 output values at a time, their sums held in a register */
-        for (int i = 0; i < d; i += 16) {
-            f32x16 acc = {0};
-            for (int t = first; t <= slot; t++) acc += scores[t] * load_f32(values + (size_t)t * d + i);
-            acc *= norm;
-            memcpy(out + i, &acc, 64);
-        }
+    if (d == 64) {
+        weighted_sum(scores, values, first, slot, 64, norm, out);
+        return;
+    }
+    if (d == 128) {
+        weighted_sum(scores, values, first, slot, 128, norm, out);
         return;
     }
     for (int i = 0; i < d; i++) out[i] = 0.0f;

@@ -80,7 +80,7 @@ def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
                                      _cpu_key().encode()])).hexdigest()[:16]
     target = (cache_dir or kernel_cache_dir()) / f"llama_decode-{key}.so"
     if not target.is_file():
-        print("Compiling the native decode step for this CPU (once, about 2 s).", file=sys.stderr)
+        print("Compiling the native decode step for this CPU (once, about 5 s).", file=sys.stderr)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
@@ -146,7 +146,7 @@ def move_weights_to_huge_pages(model: Any) -> None:
         old = module.native_weights()[1][0]
         new = base[offset: offset + old.nbytes].view(old.dtype).view(old.shape).copy_(old)
         offset += size
-        for name, buffer in list(module.named_buffers(recurse=False)):
+        for name, buffer in list(module.named_buffers(recurse=False, remove_duplicate=False)):
             if buffer.data_ptr() == old.data_ptr() and buffer.shape == old.shape:
                 setattr(module, name, new)
         if model.embed is not None and model.embed.data_ptr() == old.data_ptr():

@@ -148,3 +148,22 @@ def test_kernel_is_compiled_once_per_cache_and_missing_compilers_fall_back(tmp_p
     assert native_decode.library() is None
     config = _config(**WIDE)
     assert model_from_state(config, _state(config)).native is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_weights_move_to_one_region_and_every_alias_follows(precision):
+    # A module's second name for its weight (int8's kernel view, the tied float32 embedding)
+    # left pointing at the old memory would keep that memory alive: RSS counted twice.
+    config = _config(**WIDE)
+    state = _state(config)
+    if precision != "fp32":
+        state = quantize_state(state, {name: precision for name in linear_names(config)})
+    model = model_from_state(config, state)
+    weights = [m.native_weights()[1][0] for m in model.linears()]
+    region = weights[0].untyped_storage().data_ptr()
+    assert all(w.untyped_storage().data_ptr() == region for w in weights)
+    for module in model.linears():
+        if precision == "int8":
+            assert module._kernel_weight.data_ptr() == module.qweight.data_ptr()
+    if precision == "fp32":
+        assert model.embed.data_ptr() == model.lm_head.weight.data_ptr()

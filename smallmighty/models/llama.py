@@ -10,6 +10,9 @@ weights plus the fixed cost of each operator call:
   multiply done in place (dot products between q and k are unchanged by the shared permutation);
 * keys and values live in one pre-allocated cache per layer and are written with a single copy.
 
+Decoding steps (`LlamaModel.decode`) run as one native call per step when the C step in
+`native_decode` builds, and as these torch operators otherwise.
+
 Weights load from HF-format safetensors (`model.safetensors` or an index of shards) and are renamed
 into that layout by `hf_to_state`; `model_from_state` builds the model from such a state dict,
 float32 or quantized (see `smallmighty.compress.quantize`).

@@ -6,8 +6,10 @@ weights are made once and cached next to the model (or under ~/.cache/smallmight
 is read-only), so later starts load the small file directly.
 
 Batches hold prompts of different lengths by left-padding them: every row writes its next token to
-the same cache slot, while its rotary positions count from its own first token and a mask hides
-the padding. Rows finish independently; the batch stops when all are done.
+the same cache slot, while its rotary positions count from its own first token and attention skips
+the padding. Rows finish independently; the batch stops when all are done. Prompts run through
+torch; every decoding step after them is `LlamaModel.decode`, one call into the native C step
+(`smallmighty.models.native_decode`) when it could be built.
 """
 
 from __future__ import annotations

@@ -51,6 +51,14 @@ def _state(config: LlamaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def _state_at(config: LlamaConfig, precision: str) -> dict[str, torch.Tensor]:
+    """Random weights at `precision` (fp32, int8 or int4 for every linear layer)."""
+    state = _state(config)
+    if precision == "fp32":
+        return state
+    return quantize_state(state, {name: precision for name in linear_names(config)})
+
+
 def _dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The float32 weights a quantized state stands for: the reference its kernels must match."""
     out = {}
@@ -92,9 +100,7 @@ def _decode_steps(model, batch: int, first: list[int], steps: int = 4) -> list[t
 def test_native_step_matches_torch_on_the_weights_it_stands_for(shape, precision, tolerance):
     assert native_decode.library() is not None, "a C compiler is on PATH, so the native step must build"
     config = _config(**shape)
-    state = _state(config)
-    if precision != "fp32":
-        state = quantize_state(state, {name: precision for name in linear_names(config)})
+    state = _state_at(config, precision)
     reference = model_from_state(config, _dequantized(state), native=False)
     native = model_from_state(config, dict(state))
     assert native.native is not None and reference.native is None
@@ -108,10 +114,7 @@ def test_native_step_matches_torch_on_the_weights_it_stands_for(shape, precision
 def test_rows_of_a_batch_do_not_depend_on_each_other(precision):
     # 11 rows: one pass of 8 and one of 3, taking other kernels than a single row does.
     config = _config(**WIDE)
-    state = _state(config)
-    if precision != "fp32":
-        state = quantize_state(state, {name: precision for name in linear_names(config)})
-    model = model_from_state(config, state)
+    model = model_from_state(config, _state_at(config, precision))
     assert model.native is not None
     g = torch.Generator().manual_seed(3)
     slots, slot = 10, 6
@@ -155,10 +158,7 @@ def test_weights_move_to_one_region_and_every_alias_follows(precision):
     # A module's second name for its weight (int8's kernel view, the tied float32 embedding)
     # left pointing at the old memory would keep that memory alive: RSS counted twice.
     config = _config(**WIDE)
-    state = _state(config)
-    if precision != "fp32":
-        state = quantize_state(state, {name: precision for name in linear_names(config)})
-    model = model_from_state(config, state)
+    model = model_from_state(config, _state_at(config, precision))
     weights = [m.native_weights()[1][0] for m in model.linears()]
     region = weights[0].untyped_storage().data_ptr()
     assert all(w.untyped_storage().data_ptr() == region for w in weights)

@@ -25,7 +25,7 @@ import torch
 from smallmighty.io import atomic_path
 
 SOURCE = Path(__file__).with_name("llama_decode.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 #: Weight kinds (what a layer's `native_weights()` names) as the C code numbers them.
 KINDS = {"f32": 0, "int8": 1, "int4": 2}
@@ -67,25 +67,38 @@ def kernel_cache_dir() -> Path:
     return default_cache_dir().parent / "kernels"
 
 
-def build(cache_dir: Path | None = None, compiler: str | None = None) -> Path:
+def build(cache_dir: Path | None = None, compiler: str | None = None, arch: str = "native") -> Path:
     """Compile the C step (once per source, flags, compiler and CPU) and return the library path.
 
-    Raises OSError or subprocess.CalledProcessError when no working compiler is found.
+    `arch` is the compiler's -march target: this CPU by default (tests also build older x86 levels
+    to check the AVX2 and plain vector code). Raises OSError or subprocess.CalledProcessError when
+    no working compiler is found.
     """
     compiler = compiler or os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise OSError(f"no C compiler '{compiler}' on PATH")
+    flags = [*FLAGS, f"-march={arch}"]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
     target = (cache_dir or kernel_cache_dir()) / f"llama_decode-{key}.so"
     if not target.is_file():
         print("Compiling the native decode step for this CPU (once, about 5 s).", file=sys.stderr)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
                            capture_output=True, timeout=300)
     return target
+
+
+def load(path: Path) -> Any:
+    """The compiled step at `path`, its entry point typed for ctypes."""
+    lib = ctypes.CDLL(str(path))
+    lib.slm_decode.restype = ctypes.c_int
+    lib.slm_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int]
+    return lib
 
 
 _LIBRARY: Any = None
@@ -98,19 +111,12 @@ def library() -> Any:
         _LIBRARY = False
         if os.environ.get("SLM_NATIVE", "1") != "0":
             try:
-                lib = ctypes.CDLL(str(build()))
+                _LIBRARY = load(build())
             except (OSError, subprocess.SubprocessError) as err:
                 detail = getattr(err, "stderr", b"") or b""
                 print(f"Native decode step unavailable ({err}{': ' if detail else ''}"
                       f"{detail.decode(errors='replace')[:500]}); using torch operators.",
                       file=sys.stderr)
-            else:
-                lib.slm_decode.restype = ctypes.c_int
-                lib.slm_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p,
-                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                           ctypes.c_int]
-                _LIBRARY = lib
     return _LIBRARY or None
 
 

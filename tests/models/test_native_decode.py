@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not shutil.which(
 ODD = dict(hidden_size=40, intermediate_size=72, num_attention_heads=5, num_key_value_heads=1,
            attention_bias=True, mlp_bias=True)
 WIDE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+#: A feed-forward width past the int8 kernel's 4096-input integer chunk, with a tail of 8 inputs.
+LONG = dict(WIDE, intermediate_size=4136)
 
 
 def _config(**fields) -> LlamaConfig:
@@ -94,7 +97,7 @@ def _decode_steps(model, batch: int, first: list[int], steps: int = 4) -> list[t
 @pytest.mark.parametrize("shape,precision,tolerance", [
     (ODD, "fp32", 1e-5), (WIDE, "fp32", 1e-5),
     # int8 activations become 16-bit integer codes against each row's largest value.
-    (ODD, "int8", 1e-3), (WIDE, "int8", 1e-3),
+    (ODD, "int8", 1e-3), (WIDE, "int8", 1e-3), (LONG, "int8", 1e-3),
     (WIDE, "int4", 1e-5),
 ])
 def test_native_step_matches_torch_on_the_weights_it_stands_for(shape, precision, tolerance):
@@ -104,10 +107,29 @@ def test_native_step_matches_torch_on_the_weights_it_stands_for(shape, precision
     reference = model_from_state(config, _dequantized(state), native=False)
     native = model_from_state(config, dict(state))
     assert native.native is not None and reference.native is None
+    _assert_same_steps(native, reference, tolerance)
+
+
+def _assert_same_steps(model, reference, tolerance: float) -> None:
     first = [0, 3, 1]  # rows 2 and 3 start after some left padding
-    for got, want in zip(_decode_steps(native, 3, first), _decode_steps(reference, 3, first)):
+    for got, want in zip(_decode_steps(model, 3, first), _decode_steps(reference, 3, first)):
         scale = want.abs().max()
         torch.testing.assert_close(got / scale, want / scale, atol=tolerance, rtol=0)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 levels only")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+def test_older_x86_levels_compute_the_same_step(tmp_path, arch):
+    # AVX2 + FMA (hand-written widenings, int8 through float), and SSE2 (the plain vector code):
+    # the kernels other CPUs get, checked here on the same weights.
+    lib = native_decode.load(native_decode.build(tmp_path, arch=arch))
+    for shape, precision in ((ODD, "fp32"), (ODD, "int8"), (WIDE, "int4")):
+        config = _config(**shape)
+        state = _state_at(config, precision)
+        reference = model_from_state(config, _dequantized(state), native=False)
+        model = model_from_state(config, dict(state))
+        assert model.use_native(lib)
+        _assert_same_steps(model, reference, 1e-5)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])

@@ -12,6 +12,9 @@ All backends are loaded first, then timed in turn within each repeat, so a burst
 other processes hits every backend rather than the one that happened to run then; each figure is
 the median over repeats, after one untimed warm-up.
 
+Our engine runs twice per precision: decoding in its native C step (the default) and in torch
+operators (`Engine.from_pretrained(..., native=False)`, what it does without a C compiler).
+
 Decode tokens/s = new tokens / wall time of the whole generate call (the 44-token prompt included),
 with the end-of-sequence token ignored so every backend produces exactly the same number of tokens.
 Prefill tokens/s = 512 prompt tokens / time of one forward pass over them (ours: generate with one
@@ -109,19 +112,23 @@ def ours_measurements(model_dir: Path, work: Workload) -> Measurements:
     settings = GenerationSettings(max_new_tokens=n, temperature=0.0)
     one = GenerationSettings(max_new_tokens=1, temperature=0.0)
     found: Measurements = {}
+    # Each precision twice: decoding in the native C step (what the engine does) and in torch
+    # operators (what it does without a C compiler), to show what the native step is worth.
     for precision in ("fp32", "int8", "int4"):
-        engine = Engine.from_pretrained(model_dir, precision=precision)
-        engine.eos_token_ids = set()  # produce exactly n tokens, like the other backends
+        for native in (True, False):
+            engine = Engine.from_pretrained(model_dir, precision=precision, native=native)
+            engine.eos_token_ids = set()  # produce exactly n tokens, like the other backends
+            suffix = "" if native else "_torch_ops"
 
-        def generate(prompts: list[list[int]], engine: Any = engine) -> None:
-            out = engine.generate(prompts, settings)
-            assert all(len(o) == n for o in out), [len(o) for o in out]
+            def generate(prompts: list[list[int]], engine: Any = engine) -> None:
+                out = engine.generate(prompts, settings)
+                assert all(len(o) == n for o in out), [len(o) for o in out]
 
-        found[f"ours_{precision}"] = (n, lambda g=generate: g([work.prompt]))
-        if precision != "int4":
-            found[f"prefill_ours_{precision}"] = (len(work.long), lambda e=engine: e.generate([work.long], one))
-        if precision == "int8":
-            found["ours_batch8_aggregate"] = (n * len(work.batch), lambda g=generate: g(work.batch))
+            found[f"ours_{precision}{suffix}"] = (n, lambda g=generate: g([work.prompt]))
+            if precision != "int4" and native:
+                found[f"prefill_ours_{precision}"] = (len(work.long), lambda e=engine: e.generate([work.long], one))
+            if precision == "int8":
+                found[f"ours_batch8_aggregate{suffix}"] = (n * len(work.batch), lambda g=generate: g(work.batch))
     return found
 
 
@@ -246,6 +253,10 @@ ROWS = [  # label, decode key, prefill key
     ("ours int8", "ours_int8", "prefill_ours_int8"),
     ("ours int4", "ours_int4", None),
     ("ours int8, batch 8 (aggregate)", "ours_batch8_aggregate", None),
+    ("ours fp32, torch operators", "ours_fp32_torch_ops", None),
+    ("ours int8, torch operators", "ours_int8_torch_ops", None),
+    ("ours int4, torch operators", "ours_int4_torch_ops", None),
+    ("ours int8 batch 8, torch operators", "ours_batch8_aggregate_torch_ops", None),
     ("llama.cpp f32", "llamacpp_f32", "prefill_llamacpp_f32"),
     ("llama.cpp q8_0", "llamacpp_q8_0", "prefill_llamacpp_q8_0"),
     ("llama.cpp Q4_1", "llamacpp_q4_1", "prefill_llamacpp_q4_1"),
@@ -255,6 +266,9 @@ RATIOS = {
     "ratio_ours_int8_vs_llamacpp_q8_0": ("ours_int8", "llamacpp_q8_0"),
     "ratio_ours_int8_vs_hf_fp32": ("ours_int8", "hf_fp32"),
     "ratio_batch8_vs_batch1": ("ours_batch8_aggregate", "ours_batch1"),
+    "ratio_int8_native_vs_torch_ops": ("ours_int8", "ours_int8_torch_ops"),
+    "ratio_fp32_native_vs_torch_ops": ("ours_fp32", "ours_fp32_torch_ops"),
+    "ratio_batch8_native_vs_torch_ops": ("ours_batch8_aggregate", "ours_batch8_aggregate_torch_ops"),
 }
 
 

@@ -15,12 +15,13 @@ Models are quantized as state dicts (`quantize_state`), which is also the on-dis
 `X.scale` (int8) or `X.packed` + `X.scale` + `X.zero` (int4, two 4-bit values per byte, the even
 input index in the low nibble). `quantized_linear_from_state` rebuilds the matching module.
 
-Kernels: one row at a time (decoding a single sequence) the modules call torch's fused int8/int4
-matmuls with bfloat16 activations, which stream the weights at memory speed. With several rows
-those kernels are compute-bound, so once a batch of several sequences asks for it
-(`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second, int8 copy
-of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both paths match
-the dequantized weights to within bfloat16 rounding.
+Kernels: these modules serve the engine's prompt passes (its decoding steps run in the native C
+step, `smallmighty.models.native_decode`, which reads the same tensors through `native_weights`;
+without it they serve decoding too). They call torch's fused int8/int4 matmuls with bfloat16
+activations. With many rows those kernels are compute-bound, so once a batch of several sequences
+asks for it (`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second,
+int8 copy of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both
+paths match the dequantized weights to within bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -136,13 +137,13 @@ def int8_rows_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 class QuantizedLinear(nn.Module):
     """Shared parts: optional bias, and the choice of kernel by the number of rows.
 
-    One row (decoding a single sequence) goes to the layer's torch kernel, which streams the
-    low-bit weights at memory speed. Once `enable_rows_path` has run (the engine calls it for its
-    first batch of several sequences), from `rows_path_from` rows on the layer uses
-    `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout: torch's kernels are
-    compute-bound there, 8 rows costing 3-4x one. That copy is made only on demand because it takes
-    1 byte per weight of memory (+150 MB for SmolLM2-135M) and about 5 ms per MB to pack (0.6 s on
-    one core), which single-stream use (`slm generate`, `slm chat`) would pay for nothing.
+    By default the layer runs torch's low-bit kernel. Once `enable_rows_path` has run (the engine
+    calls it for its first batch of several sequences), from `rows_path_from` rows on the layer
+    uses `int8_rows_matmul` over an int8 copy of the weights in oneDNN's layout: torch's kernels
+    are compute-bound there, 8 rows costing 3-4x one. The copy is made only
+    on demand because it takes 1 byte per weight of memory (+150 MB for SmolLM2-135M) and about
+    5 ms per MB to pack (0.6 s on one core), which single-stream use (`slm generate`, `slm chat`)
+    would pay for nothing.
     """
 
     #: Fewest rows that take `int8_rows_matmul`, from whole-model decode steps on a 2-core

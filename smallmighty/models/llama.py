@@ -324,7 +324,6 @@ class LlamaModel:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()
 
-
     def decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
                rope: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per sequence: `ids` [B] written at cache `slot`.
@@ -333,17 +332,12 @@ class LlamaModel:
         [B, head_dim // 2] holds each sequence's rotation for its own position. Runs the native
         step when there is one, else the same computation as torch operators.
         """
-        h = self.embed_tokens(ids)
         if self.native is not None:
-            return self.native(h, cache, slot, first, rope)
+            return self.native(self.embed_tokens(ids), cache, slot, first, rope)
         mask = None
         if bool(first.any()):
             mask = additive_mask(torch.arange(slot + 1)[None, :] >= first[:, None])[:, None, None]
-        b = ids.shape[0]
-        for layer, kv in zip(self.layers, cache):
-            h = layer.forward(h, b, kv, slot, rope[:, None, None], mask)
-        h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
-        return self.lm_head(h).float()
+        return self(ids[:, None], cache, slot, rope[:, None, None], mask)
 
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -466,8 +460,8 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor], *,
     embed = get("embed") if "embed" in state else None
     if embed is None and "lm_head.weight" in state:
         embed = state["lm_head.weight"].float()  # tied float32 (a plain lm_head shares it)
-    # Building the layers is mostly reordering weights into oneDNN's layouts, which runs on one
-    # core per weight: a thread per core shortens loading (int8 SmolLM2-135M: 0.7 -> 0.4 s).
+    # Building a layer can mean reordering its weights (torch's int4 tiles; oneDNN's blocked
+    # float32 layout when there is no native step), one core per weight: a thread per core.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         lm_head = pool.submit(linear_from_state, "lm_head")
         layers = list(pool.map(layer, range(config.num_hidden_layers)))

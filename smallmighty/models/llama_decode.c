@@ -76,7 +76,6 @@ typedef struct {
     float *att;     /* [batch, heads * head_dim] */
     float *act;     /* [batch, inter] */
     float *scores;  /* per thread [slots] */
-    int max_in;
 } Scratch;
 
 /* The input rows of one matmul, as its weight kind's kernel reads them. */
@@ -486,9 +485,10 @@ int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots,
     const int hq = m->heads, hk = m->kv_heads, d = m->head_dim, hidden = m->hidden;
     const int qkv_width = (hq + 2 * hk) * d;
     Scratch s;
-    s.max_in = hidden > m->inter ? hidden : m->inter;
-    if (hq * d > s.max_in) s.max_in = hq * d;
-    const size_t n_xn = (size_t)batch * s.max_in, n_qkv = (size_t)batch * qkv_width,
+    /* The widest input of any matmul: hidden, intermediate or the attention output. */
+    int max_in = hidden > m->inter ? hidden : m->inter;
+    if (hq * d > max_in) max_in = hq * d;
+    const size_t n_xn = (size_t)batch * max_in, n_qkv = (size_t)batch * qkv_width,
                  n_att = (size_t)batch * hq * d, n_act = (size_t)batch * m->inter,
                  n_scores = (size_t)threads * slots;
     /* xq needs 2 bytes per input value: half a float. */

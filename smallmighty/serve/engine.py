@@ -90,10 +90,13 @@ def quantization_plan(config: LlamaConfig, precision: str) -> dict[str, str]:
     return plan
 
 
-def load_model(model_dir: Path, config: LlamaConfig, precision: str) -> LlamaModel:
-    """The model at `precision`, quantizing and caching on first use and reading the cache after."""
+def load_model(model_dir: Path, config: LlamaConfig, precision: str, native: bool = True) -> LlamaModel:
+    """The model at `precision`, quantizing and caching on first use and reading the cache after.
+
+    `native=False` decodes with torch operators even where the native step builds.
+    """
     if precision == "fp32":
-        return model_from_state(config, hf_to_state(config, read_hf_weights(model_dir)))
+        return model_from_state(config, hf_to_state(config, read_hf_weights(model_dir)), native=native)
     name = f"model.{precision}.safetensors"
     candidates = [model_dir / name, _user_cache_dir(model_dir) / name]
     expected = {"format": CACHE_FORMAT, "precision": precision,
@@ -101,7 +104,7 @@ def load_model(model_dir: Path, config: LlamaConfig, precision: str) -> LlamaMod
     for path in candidates:
         if path.is_file() and read_metadata(path) == expected:
             state, _ = load_state(path)
-            return model_from_state(config, state)
+            return model_from_state(config, state, native=native)
     state = quantize_state(hf_to_state(config, read_hf_weights(model_dir)),
                            quantization_plan(config, precision))
     for path in candidates:  # next to the weights if that folder is writable, else the user cache
@@ -110,7 +113,7 @@ def load_model(model_dir: Path, config: LlamaConfig, precision: str) -> LlamaMod
             break
         except OSError:
             continue
-    return model_from_state(config, state)
+    return model_from_state(config, state, native=native)
 
 
 class _Text:
@@ -184,8 +187,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, precision: str = "fp32",
-                        max_seq_len: int | None = None) -> "Engine":
-        """Load an HF-format folder (config.json, safetensors weights, tokenizer.json)."""
+                        max_seq_len: int | None = None, native: bool = True) -> "Engine":
+        """Load an HF-format folder (config.json, safetensors weights, tokenizer.json).
+
+        `native=False` keeps decoding in torch operators (as without a C compiler): for comparison.
+        """
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
@@ -216,7 +222,7 @@ class Engine:
                    | _ids(_read_json(model_dir / "config.json").get("eos_token_id")))
         if eos is not None and tokenizer.token_to_id(eos) is not None:
             eos_ids.add(tokenizer.token_to_id(eos))
-        model = load_model(model_dir, config, precision)
+        model = load_model(model_dir, config, precision, native)
         return cls(model, tokenizer, precision=precision, max_seq_len=max_seq_len,
                    eos_token_ids=eos_ids, bos_token=bos, eos_token=eos,
                    chat_template=template if isinstance(template, str) else None)

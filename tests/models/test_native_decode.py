@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 
@@ -12,7 +13,7 @@ from smallmighty.compress.quantize import dequantize_int4, dequantize_int8, quan
 from smallmighty.models import native_decode
 from smallmighty.models.llama import LlamaConfig, linear_names, model_from_state
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and not shutil.which("gcc"),
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
                                 reason="no C compiler: the engine runs torch operators instead")
 
 #: Widths that are not multiples of the kernels' vector sizes (tails), 5 query heads of size 8

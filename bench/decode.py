@@ -41,9 +41,10 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from smallmighty.cache import cache_dir  # noqa: E402
 from smallmighty.defaults import default_causal_lm_gguf  # noqa: E402
 from smallmighty.io import atomic_path  # noqa: E402
-from smallmighty.models.causal_lm import default_cache_dir, load_hf_causal_lm, resolve_causal_lm  # noqa: E402
+from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm  # noqa: E402
 
 LLAMA_CPP_VERSION = "0.3.36"
 THREADS = 2
@@ -105,8 +106,8 @@ def hf_measurements(model: Any, pad_id: int, work: Workload) -> Measurements:
 
 
 def ours_measurements(model_dir: Path, work: Workload) -> Measurements:
-    from smallmighty.serve.engine import Engine
-    from smallmighty.serve.sampling import GenerationSettings
+    from smallmighty.engine.generate import Engine
+    from smallmighty.engine.sampling import GenerationSettings
 
     n = work.new_tokens
     settings = GenerationSettings(max_new_tokens=n, temperature=0.0)
@@ -322,7 +323,7 @@ def main() -> None:
     log(f"{len(work.prompt)}-token chat prompt, {args.new_tokens} new tokens, {len(work.long)}-token prefill")
     measurements = hf_measurements(model, tokenizer.eos_token_id, work) | ours_measurements(model_dir, work)
     if not args.skip_llamacpp:
-        cache = default_cache_dir().parent / "bench"
+        cache = cache_dir("bench")
         measurements |= llama_cpp_measurements(llama_cpp_ggufs(model_dir, ensure_llama_cpp(cache), cache), work)
     results |= measure(measurements, args.repeats)
     report(results, args)

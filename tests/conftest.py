@@ -9,6 +9,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every test run gets its own smallmighty cache (converted models, quantized weights, ONNX exports,
+# compiled kernels), so tests never read a stale entry from, nor write into, the user's cache.
+# Subprocesses (the CLI tests) inherit it.
+if "SLM_TEST_KEEP_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["SLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="slm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SLM_CACHE_DIR"], True)
+
 
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:

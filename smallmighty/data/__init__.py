@@ -1,1 +1,1 @@
-"""Loading task data: labelled text for classification, text corpora for language modelling."""
+"""Loading task data: labelled text for classification (files, folders, Hugging Face datasets)."""

@@ -1,1 +1,1 @@
-"""Knowledge distillation: losses, layer maps, cached teacher outputs and the distillation recipes."""
+"""Knowledge distillation: losses, cached teacher outputs, augmentation and the classifier distillation recipe."""

@@ -21,17 +21,30 @@ from torch import nn
 
 from smallmighty.data.classification import LabelledTexts
 from smallmighty.distill.augment import augment_texts
-from smallmighty.distill.layer_map import parse_layer_map
-from smallmighty.distill.losses import (DistillWeights, HiddenProjection, attention_map_loss,
-                                        hidden_state_mse, soft_logit_kd_topk)
-from smallmighty.distill.teacher_cache import CacheSpec, TeacherCache, build_teacher_cache
+from smallmighty.distill.losses import (
+    DistillWeights,
+    HiddenProjection,
+    attention_map_loss,
+    hidden_state_mse,
+    soft_logit_kd_topk,
+)
+from smallmighty.distill.teacher_cache import (
+    CacheSpec,
+    TeacherCache,
+    build_teacher_cache,
+)
 from smallmighty.errors import SlmError
-from smallmighty.models.encoder import (StudentShape, build_student, count_parameters,
-                                        load_encoder_classifier, save_classifier)
+from smallmighty.models.encoder import (
+    StudentShape,
+    build_student,
+    count_parameters,
+    load_encoder_classifier,
+    save_classifier,
+)
+from smallmighty.models.layer_map import parse_layer_map
 from smallmighty.train.batching import Collator, encode_texts, make_examples
 from smallmighty.train.finetune import checkpoint_dir_for
 from smallmighty.train.loop import TrainConfig, is_main_process, train
-
 
 #: Label of an augmented example: the cross-entropy term skips it.
 NO_LABEL = -100

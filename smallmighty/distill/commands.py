@@ -6,7 +6,11 @@ import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
 from smallmighty.evaluate.commands import add_evaluation_arguments
-from smallmighty.train.arguments import add_train_arguments, apply_recipe, train_config_from_args
+from smallmighty.train.arguments import (
+    add_train_arguments,
+    apply_recipe,
+    train_config_from_args,
+)
 
 EXAMPLES = """examples:
   slm distill                                   # MiniLM-L6 -> 2-layer student on BBC News, report in runs/distill

@@ -33,8 +33,13 @@ def run_pipeline(teacher: str, train: LabelledTexts, test: LabelledTexts, out_di
                  distill: DistillConfig, teacher_train: TrainConfig, runtime: str = "onnx",
                  baseline: bool = True, resume: bool = False) -> dict:
     """Fine-tune (if needed), distil, evaluate; returns the report card and writes it to `out_dir`."""
-    from smallmighty.evaluate.card import (build_card, dataset_label, describe_model, evaluate_baseline,
-                                           evaluate_classifier)
+    from smallmighty.evaluate.card import (
+        build_card,
+        dataset_label,
+        describe_model,
+        evaluate_baseline,
+        evaluate_classifier,
+    )
     from smallmighty.evaluate.report import publish
 
     out_dir = Path(out_dir)

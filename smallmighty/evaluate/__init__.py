@@ -1,1 +1,1 @@
-"""Evaluation: task metrics, speed and footprint measurements, and the teacher-vs-student report card."""
+"""Evaluation: speed and footprint measurements, the TF-IDF baseline, perplexity, and the teacher-vs-student report card."""

@@ -15,9 +15,14 @@ import numpy as np
 
 from smallmighty.data.classification import LabelledTexts
 from smallmighty.evaluate.baseline import TfidfBaseline
-from smallmighty.evaluate.metrics import classification_metrics
-from smallmighty.evaluate.speed import hardware_info, latency_ms, profile_classifier, throughput_per_s
+from smallmighty.evaluate.speed import (
+    hardware_info,
+    latency_ms,
+    profile_classifier,
+    throughput_per_s,
+)
 from smallmighty.io import read_json
+from smallmighty.metrics import classification_metrics
 from smallmighty.models.encoder import read_meta
 
 #: Test texts timed one at a time for batch-1 latency (the quality metrics use the whole split).
@@ -46,15 +51,10 @@ def dataset_label(source: str) -> str:
     return path.name or source
 
 
-def _weights_file(model_dir: Path, runtime: str) -> Path:
-    onnx_name = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}.get(runtime)
-    return model_dir / onnx_name if onnx_name else model_dir / "model.safetensors"
-
-
 def evaluate_classifier(model_dir: str | Path, test: LabelledTexts, *, name: str, role: str,
                         runtime: str = "onnx", batch_size: int = 32) -> dict:
     """One model's row of the card: accuracy and macro-F1 on `test`, size, speed and memory."""
-    from smallmighty.serve.classifier import load_classifier
+    from smallmighty.engine.classifier import load_classifier, runtime_file
 
     model_dir = Path(model_dir)
     classifier = load_classifier(str(model_dir), runtime)
@@ -69,7 +69,7 @@ def evaluate_classifier(model_dir: str | Path, test: LabelledTexts, *, name: str
     speed = profile_classifier(str(model_dir), runtime, test.texts[:LATENCY_ITEMS], batch_size=batch_size)
     meta = read_meta(model_dir)
     return {"name": name, "role": role, "runtime": runtime, "params": meta.get("params"),
-            "disk_mb": disk_size_mb(_weights_file(model_dir, runtime)),
+            "disk_mb": disk_size_mb(runtime_file(model_dir, runtime)),
             "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"], **speed}
 
 

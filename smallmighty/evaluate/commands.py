@@ -40,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from smallmighty.errors import SlmError
-    from smallmighty.evaluate.card import build_card, dataset_label, evaluate_baseline, evaluate_classifier
+    from smallmighty.evaluate.card import (
+        build_card,
+        dataset_label,
+        evaluate_baseline,
+        evaluate_classifier,
+    )
     from smallmighty.evaluate.report import publish
 
     if not args.model and not args.teacher:

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from smallmighty.errors import SlmError
 
 if TYPE_CHECKING:
-    from smallmighty.models.llama import LlamaModel
-    from smallmighty.serve.engine import Engine
+    from smallmighty.engine.generate import Engine
+    from smallmighty.engine.model import LlamaModel
 
 
 @torch.inference_mode()
@@ -31,7 +31,7 @@ def perplexity(engine_or_model: "Engine | LlamaModel", text_or_ids: str | list[i
     `text_or_ids` is raw text (needs an Engine, for its tokenizer) or token ids. `stride` defaults
     to `context`. `max_tokens` keeps only the first tokens, for a quicker estimate on a subset.
     """
-    from smallmighty.models.llama import LlamaModel
+    from smallmighty.engine.model import LlamaModel
 
     if isinstance(engine_or_model, LlamaModel):
         model = engine_or_model

@@ -29,7 +29,7 @@ import numpy as np
 from smallmighty.errors import SlmError
 from smallmighty.io import write_text
 
-DEFAULT_LOADER = "smallmighty.serve.classifier:load_classifier"
+DEFAULT_LOADER = "smallmighty.engine.classifier:load_classifier"
 #: Exit status of the child when the failure is the user's (bad model directory, bad runtime, ...).
 USER_ERROR_STATUS = 2
 

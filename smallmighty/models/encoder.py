@@ -22,7 +22,12 @@ from torch import nn
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path, read_json
 from smallmighty.models.bert_encoder import position_offset
-from smallmighty.models.prune import Importance, activation_importance, can_prune, pruned_state_dict
+from smallmighty.models.prune import (
+    Importance,
+    activation_importance,
+    can_prune,
+    pruned_state_dict,
+)
 
 #: Written next to config.json: how the model was made and the sequence length it was trained at.
 META_FILE = "smallmighty.json"
@@ -199,9 +204,13 @@ def build_student(teacher: nn.Module, tokenizer, shape: StudentShape, *, train_t
     whose embeddings start from the teacher's (PCA-projected when narrower) and whose blocks start
     from scratch. Returns (student, student_tokenizer, info).
     """
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
 
-    from smallmighty.distill.layer_map import every_kth_layer
+    from smallmighty.models.layer_map import every_kth_layer
 
     tcfg = teacher.config
     shape = shape.resolve(tcfg)

@@ -1,1 +1,1 @@
-"""Serving: the CPU inference engine, terminal chat and the HTTP API."""
+"""Serving: `slm generate`, `slm chat` (the terminal chat) over the engine."""

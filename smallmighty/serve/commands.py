@@ -27,7 +27,7 @@ examples:
 
 The prompt is wrapped in the model's chat template as a user message (with --system as the system
 prompt) unless --raw is given. The reply streams to stdout; its length and speed go to stderr.
---model takes a .gguf file (converted once into ~/.cache/smallmighty, or $SLM_CACHE_DIR), a Hugging Face
+--model takes a .gguf file (converted once into $SLM_CACHE_DIR, by default ~/.cache/smallmighty), a Hugging Face
 model folder with safetensors weights, or a hub id (downloaded when online).
 """
 
@@ -93,7 +93,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from smallmighty.serve.sampling import GenerationSettings
+    from smallmighty.engine.sampling import GenerationSettings
 
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -103,7 +103,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _load_engine(args: argparse.Namespace) -> Any:
-    from smallmighty.serve.engine import Engine
+    from smallmighty.engine.generate import Engine
 
     return Engine.load(args.model, precision=args.precision, max_seq_len=args.max_seq_len)
 

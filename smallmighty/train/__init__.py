@@ -1,1 +1,1 @@
-"""Training loops: fine-tuning on a task, with Accelerate so one command scales to many processes."""
+"""Training: one Accelerate loop with atomic checkpoints and exact resume, and `slm finetune` for encoder classifiers."""

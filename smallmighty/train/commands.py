@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
-from smallmighty.train.arguments import add_train_arguments, apply_recipe, train_config_from_args
+from smallmighty.train.arguments import (
+    add_train_arguments,
+    apply_recipe,
+    train_config_from_args,
+)
 
 EXAMPLES = """examples:
   slm finetune                                    # MiniLM-L6 on BBC News, both installed from PyPI
@@ -38,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
                               config=train_config_from_args(args), max_length=args.max_length, resume=args.resume)
     print(f"saved fine-tuned classifier to {out}")
     if args.eval:
-        from smallmighty.evaluate.card import evaluate_classifier
+        from smallmighty.engine.classifier import load_classifier
+        from smallmighty.metrics import classification_metrics
 
-        row = evaluate_classifier(out, test_data, name="fine-tuned", role="teacher", runtime="torch")
+        predicted = load_classifier(str(out)).predict_logits(test_data.texts).argmax(-1)
+        row = classification_metrics(test_data.labels, predicted.tolist(), test_data.label_names)
         print(f"test accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}")
     return 0

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from smallmighty.data.classification import LabelledTexts
-from smallmighty.models.encoder import count_parameters, load_encoder_classifier, save_classifier
+from smallmighty.models.encoder import (
+    count_parameters,
+    load_encoder_classifier,
+    save_classifier,
+)
 from smallmighty.train.batching import Collator, encode_texts, make_examples
 from smallmighty.train.loop import TrainConfig, is_main_process, train
 

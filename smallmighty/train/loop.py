@@ -23,8 +23,13 @@ from tqdm.auto import tqdm
 
 from smallmighty.errors import SlmError
 from smallmighty.train.batching import length_grouped_order
-from smallmighty.train.checkpoint import (TrainState, checkpoint_extra, load_checkpoint,
-                                          save_checkpoint)
+from smallmighty.train.checkpoint import (
+    TrainState,
+    checkpoint_extra,
+    load_checkpoint,
+    save_checkpoint,
+)
+
 
 @dataclass
 class TrainConfig:

@@ -7,10 +7,19 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, MPNetConfig, MPNetForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+)
 
 from smallmighty.compress import onnx_export
-from smallmighty.compress.onnx_export import export_onnx, ort_session, quantize_onnx_int8
+from smallmighty.compress.onnx_export import (
+    export_onnx,
+    ort_session,
+    quantize_onnx_int8,
+)
 from smallmighty.errors import SlmError
 from smallmighty.models.bert_encoder import from_hf_state_dict, load_bert_classifier
 

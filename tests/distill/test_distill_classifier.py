@@ -52,7 +52,7 @@ def test_student_learns_from_teacher(task, tmp_path, two_stage, augment, pooling
     assert meta["recipe"] == "distill" and meta["max_length"] == 16
     assert _accuracy(tmp_path / "student", test) > 0.85  # chance is 1/3
     # The verified ONNX export serves the same predictions as the torch model, whatever the architecture.
-    from smallmighty.serve.classifier import load_classifier
+    from smallmighty.engine.classifier import load_classifier
 
     by_runtime = [load_classifier(str(tmp_path / "student"), rt).predict(test.texts) for rt in ("torch", "onnx")]
     assert by_runtime[0] == by_runtime[1]

@@ -62,5 +62,8 @@ def test_eval_command_rebuilds_the_card_on_another_runtime(tiny_encoder_dir, top
     card = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert [(m["name"], m["role"], m["runtime"]) for m in card["models"]] == [
         ("teacher", "teacher", "onnx-int8"), ("student", "student", "onnx-int8")]
-    assert (out / "student" / "model.int8.onnx").exists()
+    from smallmighty.engine.classifier import runtime_file
+
+    assert runtime_file(out / "student", "onnx-int8").is_file()
+    assert not list(out.rglob("*.onnx"))  # exports live in the cache, not in the user's folders
     assert "report:" in capsys.readouterr().out

@@ -8,8 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from smallmighty.distill.losses import (DistillWeights, HiddenProjection, attention_map_loss,
-                                        hidden_state_mse, soft_logit_kd, soft_logit_kd_topk)
+from smallmighty.distill.losses import (
+    DistillWeights,
+    HiddenProjection,
+    attention_map_loss,
+    hidden_state_mse,
+    soft_logit_kd,
+    soft_logit_kd_topk,
+)
 from smallmighty.errors import SlmError
 
 LOG2, LOG3 = math.log(2.0), math.log(3.0)

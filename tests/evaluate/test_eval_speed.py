@@ -124,8 +124,8 @@ def test_child_rejects_a_bad_loader(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "cannot import the classifier loader" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("smallmighty.serve.classifier") is None,
-                    reason="smallmighty.serve.classifier is not merged yet")
+@pytest.mark.skipif(importlib.util.find_spec("smallmighty.engine.classifier") is None,
+                    reason="smallmighty.engine.classifier is not merged yet")
 def test_profile_with_the_real_loader_rejects_an_empty_model_dir(tmp_path: Path) -> None:
     with pytest.raises(SlmError):
         speed.profile_classifier(str(tmp_path), "torch", ["a"])

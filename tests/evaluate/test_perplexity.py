@@ -8,15 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from smallmighty.engine.model import (
+    LlamaConfig,
+    hf_to_state,
+    model_from_state,
+    read_hf_weights,
+)
 from smallmighty.errors import SlmError
 from smallmighty.evaluate.perplexity import perplexity
-from smallmighty.models.llama import LlamaConfig, hf_to_state, model_from_state, read_hf_weights
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(transformers model, our model) with the same random weights."""
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
 
     path: Path = tmp_path_factory.mktemp("ppl")
     torch.manual_seed(0)

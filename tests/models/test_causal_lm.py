@@ -16,10 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_llama import CHATML, SPECIALS, write_tiny_llama
 
 from smallmighty.errors import SlmError
-from smallmighty.models.causal_lm import gguf_cache_path, load_hf_causal_lm, resolve_causal_lm
-from tiny_llama import CHATML, SPECIALS, write_tiny_llama
+from smallmighty.models.causal_lm import (
+    gguf_cache_path,
+    load_hf_causal_lm,
+    resolve_causal_lm,
+)
+
 
 def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
     """Write the folder from `write_tiny_llama` as an f32 GGUF, laid out as llama.cpp's converter does."""
@@ -185,14 +190,18 @@ def test_cache_hit_imports_nothing_heavy(tiny_dir: Path, tiny_gguf: Path, tmp_pa
     assert out.stdout.splitlines() == [str(target), "[]"]
 
 
-def test_cache_key_follows_the_file(tiny_gguf: Path, tmp_path: Path) -> None:
+def test_cache_key_follows_the_content(tiny_gguf: Path, tmp_path: Path) -> None:
     copy = tmp_path / tiny_gguf.name
     copy.write_bytes(tiny_gguf.read_bytes())
     before = gguf_cache_path(copy, tmp_path)
     assert before.name.startswith("tiny-llama.F32-")
-    assert gguf_cache_path(copy, tmp_path) == before
+    assert gguf_cache_path(tiny_gguf, tmp_path) == before  # a copy elsewhere reuses the conversion
     os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
-    assert gguf_cache_path(copy, tmp_path) != before
+    assert gguf_cache_path(copy, tmp_path) == before  # touched, same bytes
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    copy.write_bytes(bytes(data))
+    assert gguf_cache_path(copy, tmp_path) != before  # rewritten in place
 
 
 def test_failed_conversion_leaves_no_cache(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,16 +216,6 @@ def test_failed_conversion_leaves_no_cache(tiny_gguf: Path, tmp_path: Path, monk
     with pytest.raises(KeyboardInterrupt):
         resolve_causal_lm(tiny_gguf, cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_default_cache_dir_honours_slm_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from smallmighty.models.causal_lm import default_cache_dir
-
-    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "models"
-    monkeypatch.delenv("SLM_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "smallmighty" / "models"
 
 
 @pytest.mark.slow

@@ -7,8 +7,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from smallmighty.errors import SlmError
-from smallmighty.models.encoder import (StudentShape, build_student, count_parameters, load_encoder_classifier,
-                                        save_classifier, trimmed_vocabulary)
+from smallmighty.models.encoder import (
+    StudentShape,
+    build_student,
+    count_parameters,
+    load_encoder_classifier,
+    save_classifier,
+    trimmed_vocabulary,
+)
 
 TEXTS = ["the weather is sunny today", "pizza and pasta for dinner", "our team scored a late goal"]
 LABELS = ["weather", "food", "sport"]

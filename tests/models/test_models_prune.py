@@ -7,7 +7,11 @@ import copy
 import pytest
 import torch
 
-from smallmighty.models.encoder import StudentShape, build_student, load_encoder_classifier
+from smallmighty.models.encoder import (
+    StudentShape,
+    build_student,
+    load_encoder_classifier,
+)
 from smallmighty.models.prune import activation_importance, can_prune
 
 TEXTS = ["the weather is sunny today", "pizza and pasta for dinner", "our team scored a late goal",

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from tiny_llama import write_tiny_llama
 
 from smallmighty.cli import main
 from smallmighty.errors import SlmError
 from smallmighty.serve import commands
 from smallmighty.serve.chat import ChatSession, run_chat
-from tiny_llama import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -157,12 +157,12 @@ def test_interrupted_reply_is_not_kept() -> None:
 
 @pytest.fixture(scope="module")
 def engine(tiny_dir: Path):
-    engine_module = pytest.importorskip("smallmighty.serve.engine")
+    engine_module = pytest.importorskip("smallmighty.engine.generate")
     return engine_module.Engine.from_pretrained(tiny_dir, precision="fp32")
 
 
 def settings(**overrides: object):
-    from smallmighty.serve.sampling import GenerationSettings
+    from smallmighty.engine.sampling import GenerationSettings
 
     return GenerationSettings(**{"max_new_tokens": 12, **overrides})
 

@@ -35,7 +35,7 @@ def _env() -> dict:
 
 
 def test_finetune_learns_the_task(tiny_encoder_dir, topic_data_dir, tmp_path):
-    from smallmighty.serve.classifier import load_classifier
+    from smallmighty.engine.classifier import load_classifier
 
     train, test = load_labelled_splits(topic_data_dir)
     out = finetune_classifier(str(tiny_encoder_dir), train, tmp_path / "model",

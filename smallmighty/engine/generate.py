@@ -1,20 +1,19 @@
 """Text generation engine for Llama-family models on a CPU: batched, streaming, fp32/int8/int4.
 
-The engine reads an HF-format model folder with its own model code (`smallmighty.models.llama`),
+The engine reads an HF-format model folder with its own model code (`smallmighty.engine.model`),
 `tokenizers` and jinja2 only, so starting it does not pay for importing transformers. Quantized
-weights are made once and cached next to the model (or under ~/.cache/smallmighty when that folder
-is read-only), so later starts load the small file directly.
+weights are made once and cached in smallmighty's cache (`engine.model.load_model`), so later
+starts load the small file directly.
 
 Batches hold prompts of different lengths by left-padding them: every row writes its next token to
 the same cache slot, while its rotary positions count from its own first token and attention skips
 the padding. Rows finish independently; the batch stops when all are done. Prompts run through
 torch; every decoding step after them is `LlamaModel.decode`, one call into the native C step
-(`smallmighty.models.native_decode`) when it could be built.
+(`smallmighty.engine.native`) when it could be built.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -24,15 +23,10 @@ from typing import Any
 
 import torch
 
-from smallmighty.compress.quantize import (INT4_GROUP_SIZE, PRECISIONS, enable_rows_paths, load_state,
-                                           quantize_state, read_metadata, save_state)
+from smallmighty.engine.model import LlamaConfig, LlamaModel, additive_mask, load_model
+from smallmighty.engine.quantize import PRECISIONS, enable_rows_paths
+from smallmighty.engine.sampling import GenerationSettings, TokenChooser
 from smallmighty.errors import DataError, SlmError
-from smallmighty.models.llama import (LlamaConfig, LlamaModel, additive_mask, hf_to_state,
-                                      linear_names, model_from_state, read_hf_weights)
-from smallmighty.serve.sampling import GenerationSettings, TokenChooser
-
-#: Bump when the engine's weight layout changes, so stale quantized caches are rebuilt.
-CACHE_FORMAT = "smallmighty-llama-4"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -58,62 +52,6 @@ def _ids(value: Any) -> set[int]:
     if isinstance(value, list):
         return {v for v in value if isinstance(v, int)}
     return set()
-
-
-def _weight_fingerprint(model_dir: Path) -> str:
-    """Names, sizes and modification times of the source weights: a cache made from others is stale."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith("model.int")]
-    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-
-
-def _user_cache_dir(model_dir: Path) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smallmighty"
-    key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
-    return root / "quantized" / key
-
-
-def quantization_plan(config: LlamaConfig, precision: str) -> dict[str, str]:
-    """Precision per Linear layer. With int4 the vocabulary projection (also the tied embedding)
-    stays int8: it is the most sensitive layer, and on SmolLM2-135M int4 there cost +5%
-    wikitext-2 perplexity, against +0.1% for the whole model at int8. Layers whose input does not split into int4
-    groups stay int8 too."""
-    plan = {name: precision for name in linear_names(config)}
-    if precision == "int4":
-        inputs = {"qkv": config.hidden_size, "gate_up": config.hidden_size,
-                  "o": config.num_attention_heads * config.head_dim,
-                  "down": config.intermediate_size}
-        for name in plan:
-            kind = name.rsplit(".", 1)[-1]
-            if kind == "lm_head" or inputs[kind] % INT4_GROUP_SIZE:
-                plan[name] = "int8"
-    return plan
-
-
-def load_model(model_dir: Path, config: LlamaConfig, precision: str, native: bool = True) -> LlamaModel:
-    """The model at `precision`, quantizing and caching on first use and reading the cache after.
-
-    `native=False` decodes with torch operators even where the native step builds.
-    """
-    if precision == "fp32":
-        return model_from_state(config, hf_to_state(config, read_hf_weights(model_dir)), native=native)
-    name = f"model.{precision}.safetensors"
-    candidates = [model_dir / name, _user_cache_dir(model_dir) / name]
-    expected = {"format": CACHE_FORMAT, "precision": precision,
-                "source": _weight_fingerprint(model_dir)}
-    for path in candidates:
-        if path.is_file() and read_metadata(path) == expected:
-            state, _ = load_state(path)
-            return model_from_state(config, state, native=native)
-    state = quantize_state(hf_to_state(config, read_hf_weights(model_dir)),
-                           quantization_plan(config, precision))
-    for path in candidates:  # next to the weights if that folder is writable, else the user cache
-        try:
-            save_state(path, state, expected)
-            break
-        except OSError:
-            continue
-    return model_from_state(config, state, native=native)
 
 
 class _Text:

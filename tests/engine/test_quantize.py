@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smallmighty.compress import quantize as q
+from smallmighty.engine import quantize as q
 from smallmighty.errors import SlmError
 
 

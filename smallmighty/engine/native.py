@@ -1,9 +1,9 @@
-"""Build and call `llama_decode.c`: the whole decode step of a Llama model as one native call.
+"""Build and call `decode.c`: the whole decode step of a Llama model as one native call.
 
 Why: at batch 1 a decode step is bound by reading the weights, and run as torch operators it also
 pays ~55 operator calls per layer plus torch's int8 kernel reading weights at about half of memory
 speed (see the C file). The C step is compiled on first use with the machine's C compiler
-(`$CC`, else `cc`) for this CPU (`-march=native`), cached under `~/.cache/smallmighty/kernels`
+(`$CC`, else `cc`) for this CPU (`-march=native`), cached in the `kernels` folder of smallmighty's cache (`smallmighty.cache`)
 keyed on the source, flags and CPU, and loaded with ctypes, so the package stays pure Python.
 Without a compiler, or with `SLM_NATIVE=0`, the engine runs the same step with torch operators.
 """
@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import torch
 
+from smallmighty.cache import cache_dir as cache_dir_for
 from smallmighty.io import atomic_path
 
-SOURCE = Path(__file__).with_name("llama_decode.c")
+SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 #: Weight kinds (what a layer's `native_weights()` names) as the C code numbers them.
@@ -60,13 +61,6 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
-def kernel_cache_dir() -> Path:
-    """`$SLM_CACHE_DIR/kernels`, else `~/.cache/smallmighty/kernels` (beside the model cache)."""
-    from smallmighty.models.causal_lm import default_cache_dir
-
-    return default_cache_dir().parent / "kernels"
-
-
 def build(cache_dir: Path | None = None, compiler: str | None = None, arch: str = "native") -> Path:
     """Compile the C step (once per source, flags, compiler and CPU) and return the library path.
 
@@ -81,7 +75,7 @@ def build(cache_dir: Path | None = None, compiler: str | None = None, arch: str 
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
-    target = (cache_dir or kernel_cache_dir()) / f"llama_decode-{key}.so"
+    target = (cache_dir or cache_dir_for("kernels")) / f"decode-{key}.so"
     if not target.is_file():
         print("Compiling the native decode step for this CPU (once, about 5 s).", file=sys.stderr)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from smallmighty.engine.sampling import GenerationSettings, TokenChooser
 from smallmighty.errors import SlmError
-from smallmighty.serve.sampling import GenerationSettings, TokenChooser
 
 
 @pytest.mark.parametrize("field,value", [

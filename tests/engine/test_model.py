@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from smallmighty.engine.model import (
+    LlamaConfig,
+    hf_to_state,
+    model_from_state,
+    read_hf_weights,
+    rope_table,
+)
 from smallmighty.errors import DataError, SlmError
-from smallmighty.models.llama import (LlamaConfig, hf_to_state, model_from_state, read_hf_weights,
-                                      rope_table)
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

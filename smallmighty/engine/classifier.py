@@ -91,34 +91,36 @@ def _torch_backend(model_dir: Path) -> Backend:
     return run
 
 
-def _is_fresh(derived: Path, source: Path) -> bool:
-    """True when `derived` exists and is not older than `source` (a retrained model invalidates it)."""
-    return derived.is_file() and derived.stat().st_mtime >= source.stat().st_mtime
-
-
-def _onnx_file(model_dir: Path, int8: bool) -> Path:
-    """model.onnx (or model.int8.onnx), made from the current weights if absent or stale."""
+def runtime_file(model_dir: Path, runtime: str) -> Path:
+    """The weights file `runtime` reads: the folder's safetensors for torch; for ONNX Runtime the
+    classifier exported to ONNX (and quantized to int8), made once per content of its config and
+    weights and kept in smallmighty's cache, never in the model's folder."""
+    from smallmighty.cache import cache_dir, content_fingerprint
     from smallmighty.compress.onnx_export import export_onnx, quantize_onnx_int8
 
-    weights, fp32 = model_dir / "model.safetensors", model_dir / "model.onnx"
+    weights = model_dir / "model.safetensors"
     if not weights.is_file():
         raise SlmError(f"{model_dir} is not a saved classifier: model.safetensors is missing")
-    q8 = model_dir / "model.int8.onnx"
+    if runtime == "torch":
+        return weights
+    int8 = runtime == "onnx-int8"
+    folder = cache_dir("onnx") / content_fingerprint([model_dir / "config.json", weights])
+    fp32, q8 = folder / "model.onnx", folder / "model.int8.onnx"
     try:
-        if not _is_fresh(fp32, weights):
+        if not fp32.is_file():
             export_onnx(model_dir, fp32)
-        if int8 and not _is_fresh(q8, fp32):
+        if int8 and not q8.is_file():
             quantize_onnx_int8(fp32, q8)
     except PermissionError as err:
-        raise SlmError(f"cannot write the ONNX model into {model_dir} ({err.strerror}); "
-                       f"copy the folder somewhere writable") from None
+        raise SlmError(f"cannot write the ONNX export into the cache at {folder} ({err.strerror}); "
+                       "set SLM_CACHE_DIR to a writable folder") from None
     return q8 if int8 else fp32
 
 
-def _onnx_backend(model_dir: Path, int8: bool) -> Backend:
+def _onnx_backend(model_dir: Path, runtime: str) -> Backend:
     from smallmighty.compress.onnx_export import ort_session
 
-    session = ort_session(_onnx_file(model_dir, int8), threads=ORT_THREADS)
+    session = ort_session(runtime_file(model_dir, runtime), threads=ORT_THREADS)
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
@@ -129,7 +131,8 @@ def _onnx_backend(model_dir: Path, int8: bool) -> Backend:
 def load_classifier(model_dir: str, runtime: str = "torch") -> TextClassifier:
     """Load a saved BERT classifier folder for inference on `runtime` ("torch", "onnx", "onnx-int8").
 
-    "onnx" and "onnx-int8" export (and quantize) into the folder on first use, then reuse the files.
+    "onnx" and "onnx-int8" export (and quantize) into smallmighty's cache on first use, then reuse
+    the files.
     """
     from transformers import AutoTokenizer
 
@@ -156,5 +159,5 @@ def load_classifier(model_dir: str, runtime: str = "torch") -> TextClassifier:
     # Tokenizers without a saved limit report a huge sentinel; positions cap the usable length.
     max_length = min(tokenizer.model_max_length,
                      config.get("max_position_embeddings", tokenizer.model_max_length))
-    backend = _torch_backend(path) if runtime == "torch" else _onnx_backend(path, runtime == "onnx-int8")
+    backend = _torch_backend(path) if runtime == "torch" else _onnx_backend(path, runtime)
     return TextClassifier(tokenizer, backend, label_names, max_length, runtime)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from smallmighty.distill.layer_map import every_kth_layer, parse_layer_map, uniform_layer_map
 from smallmighty.errors import SlmError
+from smallmighty.models.layer_map import (
+    every_kth_layer,
+    parse_layer_map,
+    uniform_layer_map,
+)
 
 
 @pytest.mark.parametrize("n_student, n_teacher, expected", [

@@ -8,7 +8,7 @@
  * ahead of the rows, and the small operations (RMSNorm, rotary embedding, attention, SwiGLU,
  * residual adds) done between or inside the matmuls.
  *
- * The layout is the one `smallmighty.models.llama` builds: q/k/v fused into one matrix with q
+ * The layout is the one `smallmighty.engine.model` builds: q/k/v fused into one matrix with q
  * pre-scaled by 1/sqrt(head_dim) and each head's rotary pairs interleaved (x0, y0, x1, y1, ...);
  * gate/up fused; the cache of each layer is [batch, 2 * kv_heads, slots, head_dim] with keys in
  * the first kv_heads channels. Weights are float32 [out, in], int8 [out, in] with one scale per

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 
-from smallmighty.compress.quantize import dequantize_int4, dequantize_int8, quantize_state
-from smallmighty.models import native_decode
-from smallmighty.models.llama import LlamaConfig, linear_names, model_from_state
+from smallmighty.engine import native
+from smallmighty.engine.model import LlamaConfig, linear_names, model_from_state
+from smallmighty.engine.quantize import dequantize_int4, dequantize_int8, quantize_state
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
                                 reason="no C compiler: the engine runs torch operators instead")
@@ -102,13 +102,13 @@ def _decode_steps(model, batch: int, first: list[int], steps: int = 4) -> list[t
     (WIDE, "int4", 1e-5),
 ])
 def test_native_step_matches_torch_on_the_weights_it_stands_for(shape, precision, tolerance):
-    assert native_decode.library() is not None, "a C compiler is on PATH, so the native step must build"
+    assert native.library() is not None, "a C compiler is on PATH, so the native step must build"
     config = _config(**shape)
     state = _state_at(config, precision)
     reference = model_from_state(config, _dequantized(state), native=False)
-    native = model_from_state(config, dict(state))
-    assert native.native is not None and reference.native is None
-    _assert_same_steps(native, reference, tolerance)
+    model = model_from_state(config, dict(state))
+    assert model.native is not None and reference.native is None
+    _assert_same_steps(model, reference, tolerance)
 
 
 def _assert_same_steps(model, reference, tolerance: float) -> None:
@@ -123,7 +123,7 @@ def _assert_same_steps(model, reference, tolerance: float) -> None:
 def test_older_x86_levels_compute_the_same_step(tmp_path, arch):
     # AVX2 + FMA (hand-written widenings, int8 through float), and SSE2 (the plain vector code):
     # the kernels other CPUs get, checked here on the same weights.
-    lib = native_decode.load(native_decode.build(tmp_path, arch=arch))
+    lib = native.load(native.build(tmp_path, arch=arch))
     for shape, precision in ((ODD, "fp32"), (ODD, "int8"), (WIDE, "int4")):
         config = _config(**shape)
         state = _state_at(config, precision)
@@ -156,22 +156,22 @@ def test_rows_of_a_batch_do_not_depend_on_each_other(precision):
 
 
 def test_kernel_is_compiled_once_per_cache_and_missing_compilers_fall_back(tmp_path, monkeypatch, capsys):
-    path = native_decode.build(tmp_path)
+    path = native.build(tmp_path)
     assert "Compiling the native decode step" in capsys.readouterr().err
     stamp = path.stat().st_mtime_ns
-    assert native_decode.build(tmp_path) == path and path.stat().st_mtime_ns == stamp
+    assert native.build(tmp_path) == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().err == ""
     with pytest.raises(OSError, match="no-such-cc"):
-        native_decode.build(tmp_path / "other", compiler="no-such-cc")
+        native.build(tmp_path / "other", compiler="no-such-cc")
 
-    monkeypatch.setattr(native_decode, "_LIBRARY", None)
+    monkeypatch.setattr(native, "_LIBRARY", None)
     monkeypatch.setenv("CC", "no-such-cc")
-    assert native_decode.library() is None
+    assert native.library() is None
     assert "using torch operators" in capsys.readouterr().err
-    monkeypatch.setattr(native_decode, "_LIBRARY", None)
+    monkeypatch.setattr(native, "_LIBRARY", None)
     monkeypatch.delenv("CC")
     monkeypatch.setenv("SLM_NATIVE", "0")
-    assert native_decode.library() is None
+    assert native.library() is None
     config = _config(**WIDE)
     assert model_from_state(config, _state(config)).native is None
 

@@ -16,7 +16,7 @@ Models are quantized as state dicts (`quantize_state`), which is also the on-dis
 input index in the low nibble). `quantized_linear_from_state` rebuilds the matching module.
 
 Kernels: these modules serve the engine's prompt passes (its decoding steps run in the native C
-step, `smallmighty.models.native_decode`, which reads the same tensors through `native_weights`;
+step, `smallmighty.engine.native`, which reads the same tensors through `native_weights`;
 without it they serve decoding too). They call torch's fused int8/int4 matmuls with bfloat16
 activations. With many rows those kernels are compute-bound, so once a batch of several sequences
 asks for it (`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second,
@@ -180,7 +180,7 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def native_weights(self) -> tuple[str, tuple[torch.Tensor, ...]] | None:
-        """The kind and tensors the native decode step reads (`smallmighty.models.native_decode`)."""
+        """The kind and tensors the native decode step reads (`smallmighty.engine.native`)."""
         raise NotImplementedError
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:

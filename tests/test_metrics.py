@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smallmighty.errors import SlmError
-from smallmighty.evaluate.metrics import classification_metrics
+from smallmighty.metrics import classification_metrics
 
 LABELS = ["a", "b", "c", "d"]  # "d" never occurs: macro-F1 must still average over it
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from folders import folder_bytes
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from smallmighty.engine.classifier import load_classifier, runtime_file
 from smallmighty.errors import SlmError
-from smallmighty.serve.classifier import load_classifier
 
 LABELS = ["billing", "card", "transfer"]
 MAX_LENGTH = 32
@@ -87,18 +87,23 @@ def test_padding_to_a_longer_neighbour_does_not_change_logits(classifier_dir):
     np.testing.assert_allclose(with_long_neighbour[:1], alone, atol=1e-5)
 
 
-def test_onnx_file_is_made_once_and_remade_when_the_weights_change(classifier_dir):
-    path = classifier_dir[0]
+def test_onnx_file_is_made_once_in_the_cache_and_remade_when_the_weights_change(classifier_dir, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(classifier_dir[0], path)
+    before = folder_bytes(path)
     load_classifier(str(path), "onnx")
-    onnx_file = path / "model.onnx"
+    onnx_file = runtime_file(path, "onnx")
+    assert onnx_file.is_file() and path not in onnx_file.parents
     first = onnx_file.stat().st_mtime_ns
     load_classifier(str(path), "onnx")
-    assert onnx_file.stat().st_mtime_ns == first  # reused, not re-exported
+    assert runtime_file(path, "onnx").stat().st_mtime_ns == first  # reused, not re-exported
     weights = path / "model.safetensors"
-    later = first + 5_000_000_000
-    os.utime(weights, ns=(later, later))  # as if the model had been retrained after the export
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)  # as if the model had been retrained after the export
+    weights.write_bytes(bytes(data))
     load_classifier(str(path), "onnx")
-    assert onnx_file.stat().st_mtime_ns > first
+    assert runtime_file(path, "onnx") != onnx_file
+    assert folder_bytes(path) == before | {"model.safetensors": bytes(data)}  # nothing written beside it
 
 
 def test_empty_and_string_inputs(classifier_dir):
@@ -133,17 +138,18 @@ def test_bad_runtime_and_bad_folders_are_clear_errors(tiny_encoder_dir, classifi
         load_classifier(str(no_tokenizer))
 
 
-def test_read_only_folder_is_a_clear_error(classifier_dir, tmp_path, monkeypatch):
+def test_read_only_cache_is_a_clear_error(classifier_dir, tmp_path, monkeypatch):
     from smallmighty.compress import onnx_export
 
     copy = tmp_path / "copy"
-    shutil.copytree(classifier_dir[0], copy, ignore=shutil.ignore_patterns("*.onnx"))
+    shutil.copytree(classifier_dir[0], copy)
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path / "cache"))
 
-    def refuse(*args, **kwargs):  # what a read-only folder does to the export (root ignores chmod)
+    def refuse(*args, **kwargs):  # what a read-only cache does to the export (root ignores chmod)
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(onnx_export, "export_onnx", refuse)
-    with pytest.raises(SlmError, match=f"cannot write the ONNX model into {copy}"):
+    with pytest.raises(SlmError, match="cannot write the ONNX export into the cache at .*SLM_CACHE_DIR"):
         load_classifier(str(copy), "onnx")
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from folders import folder_bytes
 
+from smallmighty.engine import model as model_module
+from smallmighty.engine.generate import Engine, _Text
+from smallmighty.engine.model import LlamaConfig
+from smallmighty.engine.sampling import GenerationSettings
 from smallmighty.errors import SlmError
-from smallmighty.models.llama import LlamaConfig
-from smallmighty.serve import engine as engine_module
-from smallmighty.serve.engine import Engine, _Text
-from smallmighty.serve.sampling import GenerationSettings
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a robot learns to paint the sky",
           "héllo wörld, naïve café", "emoji 🙂 and 日本語 text", "numbers 123 456 and more words"]
@@ -35,7 +36,8 @@ def _tokenizer():
 
 def make_model_dir(path: Path, **overrides) -> Path:
     """A random Llama (HF format) with a byte-level BPE tokenizer, EOS '</s>' and a chat template."""
-    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
 
     tok = _tokenizer()
     eos = tok.token_to_id("</s>")
@@ -215,10 +217,10 @@ def test_generation_stops_at_the_context_limit(model_dir):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_quantized_engine_caches_weights_next_to_the_model_and_reuses_them(tmp_path, precision):
+def test_quantized_engine_caches_weights_and_reuses_them(tmp_path, precision):
     model_dir = make_model_dir(tmp_path / "m")
     first = Engine.from_pretrained(model_dir, precision=precision)
-    cache = model_dir / f"model.{precision}.safetensors"
+    cache = model_module.quantized_cache_path(model_dir, precision)
     assert cache.is_file() and first.precision == precision
     stamp = cache.stat().st_mtime_ns
     second = Engine.from_pretrained(model_dir, precision=precision)
@@ -242,27 +244,37 @@ def test_quantized_engine_caches_weights_next_to_the_model_and_reuses_them(tmp_p
 def test_int4_keeps_int8_where_groups_do_not_fit(tmp_path):
     # intermediate_size 80 is not a multiple of the int4 group (32): the down projections stay int8.
     model_dir = make_model_dir(tmp_path / "m", intermediate_size=80)
-    plan = engine_module.quantization_plan(LlamaConfig.from_file(model_dir / "config.json"), "int4")
+    plan = model_module.quantization_plan(LlamaConfig.from_file(model_dir / "config.json"), "int4")
     assert plan["layers.0.down"] == plan["lm_head"] == "int8"
     assert plan["layers.0.qkv"] == plan["layers.1.gate_up"] == "int4"
     engine = Engine.from_pretrained(model_dir, precision="int4")
     assert len(engine.generate([PROMPTS[0]], GenerationSettings(max_new_tokens=3))[0]) >= 1
 
 
-def test_read_only_model_folder_caches_under_the_user_cache(tmp_path, monkeypatch):
+def test_quantized_weights_are_cached_outside_the_model_folder(tmp_path, monkeypatch):
     model_dir = make_model_dir(tmp_path / "m")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    real_save = engine_module.save_state
-
-    def refuse_model_dir(path, state, metadata):
-        if Path(path).parent == model_dir:
-            raise PermissionError(13, "read-only", str(path))
-        real_save(path, state, metadata)
-
-    monkeypatch.setattr(engine_module, "save_state", refuse_model_dir)
+    before = folder_bytes(model_dir)
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path / "cache"))
     Engine.from_pretrained(model_dir, precision="int8")
-    cached = list((tmp_path / "xdg" / "smallmighty").rglob("model.int8.safetensors"))
-    assert len(cached) == 1 and not (model_dir / "model.int8.safetensors").exists()
+    cached = list((tmp_path / "cache" / "quantized").rglob("model.int8.safetensors"))
+    assert cached == [model_module.quantized_cache_path(model_dir, "int8")]
+    assert folder_bytes(model_dir) == before
+    stamp = cached[0].stat().st_mtime_ns
+    Engine.from_pretrained(model_dir, precision="int8")  # read back, not made again
+    assert cached[0].stat().st_mtime_ns == stamp
+
+
+def test_unwritable_cache_still_loads(tmp_path, monkeypatch, capsys):
+    model_dir = make_model_dir(tmp_path / "m")
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path / "cache"))
+
+    def refuse(path, state, metadata):  # what a read-only cache does (root ignores chmod)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(model_module, "save_state", refuse)
+    engine = Engine.from_pretrained(model_dir, precision="int8")
+    assert len(engine.generate([PROMPTS[0]], GenerationSettings(max_new_tokens=3))[0]) >= 1
+    assert "could not cache the int8 weights" in capsys.readouterr().err
 
 
 # ---- the real SmolLM2-135M-Instruct (slow: conversion, 135M parameters) -------------------------

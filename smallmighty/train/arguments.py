@@ -15,6 +15,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: flo
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default: {batch_size})")
     group.add_argument("--max-length", type=int, default=max_length,
                        help=f"tokens kept per text (default: {max_length})")
+    group.add_argument("--max-steps", type=int, default=0, metavar="N",
+                       help="train for exactly N optimizer steps instead of --epochs (default: 0, off)")
+    group.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                       help="micro-batches per optimizer step: K x --batch-size examples per step at the "
+                            "memory of one micro-batch (default: 1)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     group.add_argument("--checkpoint-every", type=int, default=200,
                        help="optimizer steps between checkpoints (default: 200; epochs always end with one)")
@@ -28,7 +33,8 @@ def train_config_from_args(args: argparse.Namespace, **overrides):
     from smallmighty.train.loop import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, **overrides)
+                       checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+                       grad_accum=args.grad_accum, **overrides)
 
 
 def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from smallmighty.errors import SlmError
@@ -30,10 +30,13 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, best_weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint; `best_weights` (the best-scoring weights so far) go beside it."""
     with atomic_path(path) as tmp:
         tmp.mkdir()
         save_model(module, str(tmp / "model.safetensors"))
+        if best_weights is not None:
+            save_file({k: v.contiguous() for k, v in best_weights.items()}, str(tmp / "best.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state.__dict__, **(extra or {})}, indent=2) + "\n")
 
@@ -50,6 +53,12 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise SlmError(f"checkpoint '{path}' is unreadable or does not match this run: {exc}") from exc
     return TrainState(raw["epoch"], raw["step_in_epoch"], raw["global_step"])
+
+
+def load_best_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The best-scoring weights saved with a checkpoint, if any."""
+    best = path / "best.safetensors"
+    return load_file(str(best)) if best.is_file() else None
 
 
 def checkpoint_extra(path: Path) -> dict:

@@ -46,7 +46,7 @@ def finetune_classifier(model_name_or_path: str, train_data: LabelledTexts, out_
     examples = make_examples(encode_texts(tokenizer, train_data.texts, max_length), train_data.labels)
     ckpt = checkpoint_dir_for(out_dir)
     objective = train(ClassificationObjective(model), examples, Collator(tokenizer.pad_token_id), config,
-                      checkpoint_dir=ckpt, resume=resume, desc=f"fine-tune {Path(str(model_name_or_path)).name}")
+                      checkpoint_dir=ckpt, resume=resume, desc=f"fine-tune {Path(str(model_name_or_path)).name}").module
     if is_main_process():
         save_classifier(objective.model, tokenizer, out_dir, max_length=max_length,
                         meta={"recipe": "finetune", "base_model": str(model_name_or_path),

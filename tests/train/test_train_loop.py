@@ -24,6 +24,15 @@ from smallmighty.train.loop import TrainConfig, train
 REPO = Path(__file__).resolve().parents[2]
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (tests of several checkouts may run at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _finetune_cmd(encoder: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "smallmighty.cli", "finetune", "--model", str(encoder), "--data", str(data),
             "--out", str(out), "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--max-length", "16",
@@ -109,7 +118,7 @@ data, _ = load_labelled_splits({str(topic_data_dir)!r})
 model, tok = load_encoder_classifier({str(tiny_encoder_dir)!r}, data.label_names)
 examples = make_examples(encode_texts(tok, data.texts, 16), data.labels)
 trained = train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
-                TrainConfig(epochs=1, batch_size=8, lr=1e-3))
+                TrainConfig(epochs=1, batch_size=8, lr=1e-3)).module
 state = PartialState()
 flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
 with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), "w") as f:
@@ -118,7 +127,7 @@ with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), 
 """)
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29533", str(script)], env=env, capture_output=True, text=True,
+                             "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]

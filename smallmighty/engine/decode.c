@@ -473,15 +473,20 @@ static void attend(const float *q, const float *keys, const float *values, int f
     }
 }
 
-/* Decode one token for each of `batch` sequences.
+/* Decode one token for each of `batch` sequences, each at its own position.
  *
  * h [batch, hidden]: the new tokens' embeddings (overwritten: it is the residual stream).
- * kv: per layer, the cache [batch, 2 * kv_heads, slots, head_dim]; this step writes slot `slot`.
- * first [batch]: the first cache slot each sequence may attend to (left padding comes before it).
+ * kv: per layer, the cache [capacity, 2 * kv_heads, slots, head_dim] (capacity >= batch rows).
+ * rows [batch]: the cache row of each sequence (distinct, < capacity).
+ * slot [batch]: where each sequence's new key and value go (< slots).
+ * first [batch]: the first cache slot each sequence may attend to (left padding comes before it);
+ *   sequence b attends to slots [first[b], slot[b]] of its row.
  * rope [batch, head_dim / 2, 2]: (cos, sin) of each sequence's position.
- * logits [batch, vocab]: output. Returns 0, or -1 when scratch memory cannot be allocated. */
-int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots, int slot,
-               const int64_t *first, const float *rope, float *logits, int threads) {
+ * logits [batch, vocab]: output. Returns 0, or -1 when scratch memory cannot be allocated.
+ * The caller checks every index (smallmighty.engine.native): nothing is checked here. */
+int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots, const int64_t *rows,
+               const int64_t *slot, const int64_t *first, const float *rope, float *logits,
+               int threads) {
     const int hq = m->heads, hk = m->kv_heads, d = m->head_dim, hidden = m->hidden;
     const int qkv_width = (hq + 2 * hk) * d;
     Scratch s;
@@ -520,21 +525,21 @@ int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots,
                 const float *r = rope + (size_t)b * d;
                 for (int head = 0; head < hq + hk; head++) rotate(row + head * d, r, d / 2);
                 for (int c = 0; c < 2 * hk; c++)
-                    memcpy(cache + (((size_t)b * 2 * hk + c) * slots + slot) * d,
+                    memcpy(cache + (((size_t)rows[b] * 2 * hk + c) * slots + slot[b]) * d,
                            row + (hq + c) * d, sizeof(float) * d);
             }
 #pragma omp for collapse(2) schedule(static)
             for (int b = 0; b < batch; b++)
                 for (int head = 0; head < hq; head++) {
                     const int g = head / (hq / hk);
-                    const float *keys = cache + ((size_t)b * 2 * hk + g) * slots * d;
-                    const float *values = cache + ((size_t)b * 2 * hk + hk + g) * slots * d;
+                    const float *keys = cache + ((size_t)rows[b] * 2 * hk + g) * slots * d;
+                    const float *values = cache + ((size_t)rows[b] * 2 * hk + hk + g) * slots * d;
                     float *scores = s.scores;
 #ifdef _OPENMP
                     scores += (size_t)omp_get_thread_num() * slots;
 #endif
                     attend(s.qkv + (size_t)b * qkv_width + head * d, keys, values, (int)first[b],
-                           slot, d, scores, s.att + ((size_t)b * hq + head) * d);
+                           (int)slot[b], d, scores, s.att + ((size_t)b * hq + head) * d);
                 }
             linear(&L->o, batch, s.att, hq * d, h, hidden, ADD, &s);
 #pragma omp for schedule(static)

@@ -249,20 +249,43 @@ class DecoderLayer:
         plain causal attention. Queries arrive pre-scaled by 1/sqrt(head_dim) (see `hf_to_state`).
         """
         b, t = batch, h.shape[0] // batch
+        q, kv = self._attention_inputs(h, b, rope)
+        kv_cache[:, :, start:start + t] = kv
+        # One query (decoding) sees the whole cache; several (a prompt from slot 0) are causal.
+        return self._attend_and_mlp(h, q, kv_cache[:, :, : start + t], mask,
+                                    causal=mask is None and t > 1)
+
+    def decode(self, h: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor,
+               slots: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, each at its own cache row and slot (see `LlamaModel.decode`).
+
+        `h` [B, hidden]; row b's key and value go to `kv_cache[rows[b], :, slots[b]]`; `mask`
+        [B, 1, 1, L] covers slots [0, L) of those rows.
+        """
+        q, kv = self._attention_inputs(h, h.shape[0], rope)
+        kv_cache[rows, :, slots] = kv[:, :, 0]
+        return self._attend_and_mlp(h, q, kv_cache[rows, :, : mask.shape[-1]], mask, causal=False)
+
+    def _attention_inputs(self, h: torch.Tensor, b: int, rope: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [b, heads, T, d] and new keys + values [b, 2 * kv_heads, T, d], rotated."""
+        t = h.shape[0] // b
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         # Linear layers take float32 and convert as their kernel needs; quantized ones may return
         # bfloat16, in which case the MLP stays in it between them, while the residual stream,
         # attention and rotary embedding stay float32.
         qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps)).float()
         torch.view_as_complex(qkv[:, : (hq + hk) * d].view(b, t, *self.rope_pairs)).mul_(rope)
-        kv_cache[:, :, start:start + t] = qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
-        keys = kv_cache[:, :hk, : start + t]
-        values = kv_cache[:, hk:, : start + t]
         q = qkv[:, : hq * d].view(b, t, hq, d).transpose(1, 2)
-        # One query (decoding) sees the whole cache; several (a prompt from slot 0) are causal.
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              is_causal=mask is None and t > 1, scale=1.0,
-                                              enable_gqa=hq != hk)
+        return q, qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
+
+    def _attend_and_mlp(self, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                        mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Attention of `q` over cached keys and values `kv` [b, 2 * kv_heads, L, d], then the MLP."""
+        hk = self.kv_heads
+        b, hq, t, d = q.shape
+        attn = F.scaled_dot_product_attention(q, kv[:, :hk], kv[:, hk:], attn_mask=mask,
+                                              is_causal=causal, scale=1.0, enable_gqa=hq != hk)
         attn = attn.transpose(1, 2).reshape(b * t, hq * d)
         h += self.o(attn)
         gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps))
@@ -328,25 +351,36 @@ class LlamaModel:
         for layer, kv in zip(self.layers, cache):
             h = layer.forward(h, b, kv, start, rope, mask)
         h = h.view(b, t, -1)
-        if last_only:
-            h = h[:, -1]
+        return self._logits(h[:, -1] if last_only else h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()
 
-    def decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
-               rope: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per sequence: `ids` [B] written at cache `slot`.
+    def decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
+               first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Logits [B, V] for one new token per sequence, each sequence at its own position.
 
-        Sequence b attends to slots [first[b], slot] (left padding lies before `first`); `rope`
-        [B, head_dim // 2] holds each sequence's rotation for its own position. Runs the native
-        step when there is one, else the same computation as torch operators.
+        Sequence b writes the key and value of `ids[b]` at slot `slots[b]` of cache row `rows[b]`
+        (default: row b) and attends to slots [first[b], slots[b]] of that row (left padding lies
+        before `first`); `rope` [B, head_dim // 2] holds each sequence's rotation for its own
+        position. The caches (`new_cache`) may hold more rows than B: a scheduler runs any subset
+        of them, at any lengths, without copying. `slots`, `first` and `rows` are int64 [B].
+        Runs the native step when there is one, else the same computation as torch operators.
         """
         if self.native is not None:
-            return self.native(self.embed_tokens(ids), cache, slot, first, rope)
-        mask = None
-        if bool(first.any()):
-            mask = additive_mask(torch.arange(slot + 1)[None, :] >= first[:, None])[:, None, None]
-        return self(ids[:, None], cache, slot, rope[:, None, None], mask)
+            return self.native(self.embed_tokens(ids), cache, slots, first, rope, rows)
+        batch = ids.shape[0]
+        if rows is None:
+            rows = torch.arange(batch)
+        window = torch.arange(int(slots.max()) + 1)[None, :]
+        visible = (window >= first[:, None]) & (window <= slots[:, None])
+        mask = additive_mask(visible)[:, None, None]
+        h = self.embed_tokens(ids)
+        for layer, kv in zip(self.layers, cache):
+            h = layer.decode(h, kv, rows, slots, rope[:, None, None], mask)
+        return self._logits(h)
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -90,8 +90,8 @@ def load(path: Path) -> Any:
     lib = ctypes.CDLL(str(path))
     lib.slm_decode.restype = ctypes.c_int
     lib.slm_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_int]
+                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -230,24 +230,28 @@ class NativeDecoder:
                        group=getattr(module, "group_size", 0), weight=_ptr(weight),
                        scale=_ptr(scale), params=_ptr(params), bias=bias)
 
-    def __call__(self, h: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
-                 rope: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per row; see `slm_decode` in the C file for the arguments.
+    def __call__(self, h: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
+                 first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """Logits [B, V] for one new token per row; see `LlamaModel.decode` for the arguments.
 
-        `h` [B, hidden] float32 (overwritten), `first` [B] int64, `rope` [B, head_dim / 2] complex64.
+        `h` [B, hidden] float32 (overwritten), `rope` [B, head_dim / 2] complex64.
         """
         batch = h.shape[0]
+        if rows is None:
+            rows = torch.arange(batch)
         # Local names keep any contiguous copies alive until the call returns.
         h = h.float().contiguous()
-        first = first.to(torch.int64).contiguous()
+        rows, slots, first = (t.to(torch.int64).contiguous() for t in (rows, slots, first))
         rope = rope.contiguous()
         if not all(kv.is_contiguous() and kv.dtype == torch.float32 for kv in cache):
             raise ValueError("the native decode step needs contiguous float32 caches (LlamaModel.new_cache)")
         logits = torch.empty(batch, self.vocab)
         pointers = (ctypes.c_void_p * len(cache))(*[kv.data_ptr() for kv in cache])
         status = self.lib.slm_decode(ctypes.byref(self.spec), batch, h.data_ptr(), pointers,
-                                     cache[0].shape[2], slot, first.data_ptr(), rope.data_ptr(),
-                                     logits.data_ptr(), torch.get_num_threads())
+                                     cache[0].shape[2], rows.data_ptr(), slots.data_ptr(),
+                                     first.data_ptr(), rope.data_ptr(), logits.data_ptr(),
+                                     torch.get_num_threads())
         if status != 0:
             raise MemoryError("native decode step: out of memory for its scratch buffers")
         return logits

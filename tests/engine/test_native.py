@@ -91,7 +91,8 @@ def _decode_steps(model, batch: int, first: list[int], steps: int = 4) -> list[t
         for step in range(steps):
             slot = 6 + step
             ids = torch.randint(0, model.config.vocab_size, (batch,), generator=g)
-            out.append(model.decode(ids, cache, slot, firsts, rope[slot - firsts]).clone())
+            slots = torch.full((batch,), slot)
+            out.append(model.decode(ids, cache, slots, firsts, rope[slot - firsts]).clone())
     return out
 
 
@@ -148,10 +149,11 @@ def test_rows_of_a_batch_do_not_depend_on_each_other(precision):
     first = torch.arange(11) % 4
     rope = model.rope(slots)
     with torch.inference_mode():
-        batched = model.decode(ids, [c.clone() for c in cache], slot, first, rope[slot - first])
+        slots = torch.full((11,), slot)
+        batched = model.decode(ids, [c.clone() for c in cache], slots, first, rope[slot - first])
         for row in (0, 5, 9, 10):
-            alone = model.decode(ids[row:row + 1], [c[row:row + 1].clone() for c in cache], slot,
-                                 first[row:row + 1], rope[slot - first[row:row + 1]])
+            alone = model.decode(ids[row:row + 1], [c[row:row + 1].clone() for c in cache],
+                                 slots[row:row + 1], first[row:row + 1], rope[slot - first[row:row + 1]])
             torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-5, rtol=1e-5)
 
 

@@ -92,11 +92,17 @@ typedef struct {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 
-/* Sum of the 16 lanes as a tree (4 dependent adds rather than 16). */
+/* Sum of the 16 lanes as a tree (4 dependent adds rather than 16). The halves are taken with
+ * memcpy, which compilers turn into register extracts (GCC before 12 lacks __builtin_shufflevector). */
 static inline float hsum(f32x16 v) {
-    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    f32x8 a0, a1;
+    memcpy(&a0, &v, 32);
+    memcpy(&a1, (const char *)&v + 32, 32);
+    const f32x8 a = a0 + a1;
+    f32x4 b0, b1;
+    memcpy(&b0, &a, 16);
+    memcpy(&b1, (const char *)&a + 16, 16);
+    const f32x4 b = b0 + b1;
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 

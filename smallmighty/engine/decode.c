@@ -92,11 +92,17 @@ typedef struct {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 
-/* Sum of the 16 lanes as a tree (4 dependent adds rather than 16). */
+/* Sum of the 16 lanes as a tree (4 dependent adds rather than 16). The halves are taken with
+ * memcpy, which compilers turn into register extracts (GCC before 12 lacks __builtin_shufflevector). */
 static inline float hsum(f32x16 v) {
-    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    f32x8 a0, a1;
+    memcpy(&a0, &v, 32);
+    memcpy(&a1, (const char *)&v + 32, 32);
+    const f32x8 a = a0 + a1;
+    f32x4 b0, b1;
+    memcpy(&b0, &a, 16);
+    memcpy(&b1, (const char *)&a + 16, 16);
+    const f32x4 b = b0 + b1;
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
@@ -473,15 +479,20 @@ static void attend(const float *q, const float *keys, const float *values, int f
     }
 }
 
-/* Decode one token for each of `batch` sequences.
+/* Decode one token for each of `batch` sequences, each at its own position.
  *
  * h [batch, hidden]: the new tokens' embeddings (overwritten: it is the residual stream).
- * kv: per layer, the cache [batch, 2 * kv_heads, slots, head_dim]; this step writes slot `slot`.
- * first [batch]: the first cache slot each sequence may attend to (left padding comes before it).
+ * kv: per layer, the cache [capacity, 2 * kv_heads, slots, head_dim] (capacity >= batch rows).
+ * rows [batch]: the cache row of each sequence (distinct, < capacity).
+ * slot [batch]: where each sequence's new key and value go (< slots).
+ * first [batch]: the first cache slot each sequence may attend to (left padding comes before it);
+ *   sequence b attends to slots [first[b], slot[b]] of its row.
  * rope [batch, head_dim / 2, 2]: (cos, sin) of each sequence's position.
- * logits [batch, vocab]: output. Returns 0, or -1 when scratch memory cannot be allocated. */
-int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots, int slot,
-               const int64_t *first, const float *rope, float *logits, int threads) {
+ * logits [batch, vocab]: output. Returns 0, or -1 when scratch memory cannot be allocated.
+ * The caller checks every index (smallmighty.engine.native): nothing is checked here. */
+int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots, const int64_t *rows,
+               const int64_t *slot, const int64_t *first, const float *rope, float *logits,
+               int threads) {
     const int hq = m->heads, hk = m->kv_heads, d = m->head_dim, hidden = m->hidden;
     const int qkv_width = (hq + 2 * hk) * d;
     Scratch s;
@@ -520,21 +531,21 @@ int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots,
                 const float *r = rope + (size_t)b * d;
                 for (int head = 0; head < hq + hk; head++) rotate(row + head * d, r, d / 2);
                 for (int c = 0; c < 2 * hk; c++)
-                    memcpy(cache + (((size_t)b * 2 * hk + c) * slots + slot) * d,
+                    memcpy(cache + (((size_t)rows[b] * 2 * hk + c) * slots + slot[b]) * d,
                            row + (hq + c) * d, sizeof(float) * d);
             }
 #pragma omp for collapse(2) schedule(static)
             for (int b = 0; b < batch; b++)
                 for (int head = 0; head < hq; head++) {
                     const int g = head / (hq / hk);
-                    const float *keys = cache + ((size_t)b * 2 * hk + g) * slots * d;
-                    const float *values = cache + ((size_t)b * 2 * hk + hk + g) * slots * d;
+                    const float *keys = cache + ((size_t)rows[b] * 2 * hk + g) * slots * d;
+                    const float *values = cache + ((size_t)rows[b] * 2 * hk + hk + g) * slots * d;
                     float *scores = s.scores;
 #ifdef _OPENMP
                     scores += (size_t)omp_get_thread_num() * slots;
 #endif
                     attend(s.qkv + (size_t)b * qkv_width + head * d, keys, values, (int)first[b],
-                           slot, d, scores, s.att + ((size_t)b * hq + head) * d);
+                           (int)slot[b], d, scores, s.att + ((size_t)b * hq + head) * d);
                 }
             linear(&L->o, batch, s.att, hq * d, h, hidden, ADD, &s);
 #pragma omp for schedule(static)

@@ -331,5 +331,5 @@ class Engine:
             yield chosen.tolist()
             if step == new - 1:
                 return
-            slot = longest + step
-            logits = model.decode(chosen, cache, slot, pads, rope[slot - pads])
+            at = torch.full((batch,), longest + step)  # every row's slot (left padding aligns them)
+            logits = model.decode(chosen, cache, at, pads, rope[at - pads])

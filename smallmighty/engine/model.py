@@ -249,20 +249,43 @@ class DecoderLayer:
         plain causal attention. Queries arrive pre-scaled by 1/sqrt(head_dim) (see `hf_to_state`).
         """
         b, t = batch, h.shape[0] // batch
+        q, kv = self._attention_inputs(h, b, rope)
+        kv_cache[:, :, start:start + t] = kv
+        # One query (decoding) sees the whole cache; several (a prompt from slot 0) are causal.
+        return self._attend_and_mlp(h, q, kv_cache[:, :, : start + t], mask,
+                                    causal=mask is None and t > 1)
+
+    def decode(self, h: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor,
+               slots: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, each at its own cache row and slot (see `LlamaModel.decode`).
+
+        `h` [B, hidden]; row b's key and value go to `kv_cache[rows[b], :, slots[b]]`; `mask`
+        [B, 1, 1, L] covers slots [0, L) of those rows.
+        """
+        q, kv = self._attention_inputs(h, h.shape[0], rope)
+        kv_cache[rows, :, slots] = kv[:, :, 0]
+        return self._attend_and_mlp(h, q, kv_cache[rows, :, : mask.shape[-1]], mask, causal=False)
+
+    def _attention_inputs(self, h: torch.Tensor, b: int, rope: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [b, heads, T, d] and new keys + values [b, 2 * kv_heads, T, d], rotated."""
+        t = h.shape[0] // b
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         # Linear layers take float32 and convert as their kernel needs; quantized ones may return
         # bfloat16, in which case the MLP stays in it between them, while the residual stream,
         # attention and rotary embedding stay float32.
         qkv = self.qkv(F.rms_norm(h, self.norm_shape, self.attn_norm, self.eps)).float()
         torch.view_as_complex(qkv[:, : (hq + hk) * d].view(b, t, *self.rope_pairs)).mul_(rope)
-        kv_cache[:, :, start:start + t] = qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
-        keys = kv_cache[:, :hk, : start + t]
-        values = kv_cache[:, hk:, : start + t]
         q = qkv[:, : hq * d].view(b, t, hq, d).transpose(1, 2)
-        # One query (decoding) sees the whole cache; several (a prompt from slot 0) are causal.
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              is_causal=mask is None and t > 1, scale=1.0,
-                                              enable_gqa=hq != hk)
+        return q, qkv[:, hq * d:].view(b, t, 2 * hk, d).transpose(1, 2)
+
+    def _attend_and_mlp(self, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                        mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Attention of `q` over cached keys and values `kv` [b, 2 * kv_heads, L, d], then the MLP."""
+        hk = self.kv_heads
+        b, hq, t, d = q.shape
+        attn = F.scaled_dot_product_attention(q, kv[:, :hk], kv[:, hk:], attn_mask=mask,
+                                              is_causal=causal, scale=1.0, enable_gqa=hq != hk)
         attn = attn.transpose(1, 2).reshape(b * t, hq * d)
         h += self.o(attn)
         gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps))
@@ -328,25 +351,81 @@ class LlamaModel:
         for layer, kv in zip(self.layers, cache):
             h = layer.forward(h, b, kv, start, rope, mask)
         h = h.view(b, t, -1)
-        if last_only:
-            h = h[:, -1]
+        return self._logits(h[:, -1] if last_only else h)
+
+    def _check_decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
+                      first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Raise SlmError unless `decode`'s arguments fit each other and the caches.
+
+        Why: the native step trusts every index it is given, and a wrong one would crash the
+        process (or silently read another sequence's cache) instead of raising. Values are read
+        as Python lists: for the handful of rows of a decode step that is cheaper than tensor ops.
+        """
+        c = self.config
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 1 or not len(ids)
+                or ids.dtype.is_floating_point or ids.dtype.is_complex):
+            raise SlmError("decode: ids must be a 1-D integer tensor (one new token per sequence)")
+        batch = ids.shape[0]
+        named = {"slots": slots, "first": first} | ({} if rows is None else {"rows": rows})
+        for name, value in named.items():
+            if not (isinstance(value, torch.Tensor) and value.shape == (batch,)
+                    and value.dtype in (torch.int64, torch.int32)):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise SlmError(f"decode: {name} must be an int64 tensor of shape ({batch},) like ids, got {got}")
+        if not isinstance(rope, torch.Tensor) or rope.shape != (batch, c.head_dim // 2) \
+                or rope.dtype != torch.complex64:
+            raise SlmError(f"decode: rope must be complex64 of shape ({batch}, {c.head_dim // 2}), "
+                           f"got {tuple(getattr(rope, 'shape', ()))}")
+        if not isinstance(cache, (list, tuple)) or len(cache) != c.num_hidden_layers:
+            raise SlmError(f"decode: needs one cache per layer ({c.num_hidden_layers}), "
+                           f"got {len(cache) if isinstance(cache, (list, tuple)) else type(cache).__name__}")
+        shape = tuple(cache[0].shape)
+        if (len(shape) != 4 or shape[1:2] + shape[3:] != (2 * c.num_key_value_heads, c.head_dim)
+                or any(tuple(kv.shape) != shape or kv.dtype != torch.float32 or not kv.is_contiguous()
+                       for kv in cache)):
+            raise SlmError(f"decode: every cache must be a contiguous float32 [rows, "
+                           f"{2 * c.num_key_value_heads}, slots, {c.head_dim}] tensor from new_cache, "
+                           f"got {[tuple(kv.shape) for kv in cache[:2]]}...")
+        capacity, length = shape[0], shape[2]
+        row_list = list(range(batch)) if rows is None else rows.tolist()
+        if len(set(row_list)) != batch or not all(0 <= r < capacity for r in row_list):
+            raise SlmError(f"decode: cache rows must be {batch} distinct values in [0, {capacity}), "
+                           f"got {row_list}")
+        for b, (start, slot) in enumerate(zip(first.tolist(), slots.tolist())):
+            if not 0 <= start <= slot < length:
+                raise SlmError(f"decode: sequence {b} has first {start} and slot {slot}; "
+                               f"needs 0 <= first <= slot < {length} (the cache's slots)")
+        if not 0 <= int(ids.min()) <= int(ids.max()) < c.vocab_size:
+            raise SlmError(f"decode: token ids must lie in [0, {c.vocab_size})")
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(h, (h.shape[-1],), self.norm, self.config.rms_norm_eps)
         return self.lm_head(h).float()
 
-    def decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
-               rope: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per sequence: `ids` [B] written at cache `slot`.
+    def decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
+               first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Logits [B, V] for one new token per sequence, each sequence at its own position.
 
-        Sequence b attends to slots [first[b], slot] (left padding lies before `first`); `rope`
-        [B, head_dim // 2] holds each sequence's rotation for its own position. Runs the native
-        step when there is one, else the same computation as torch operators.
+        Sequence b writes the key and value of `ids[b]` at slot `slots[b]` of cache row `rows[b]`
+        (default: row b) and attends to slots [first[b], slots[b]] of that row (left padding lies
+        before `first`); `rope` [B, head_dim // 2] holds each sequence's rotation for its own
+        position. The caches (`new_cache`) may hold more rows than B: a scheduler runs any subset
+        of them, at any lengths, without copying. `slots`, `first` and `rows` are int64 [B].
+        Runs the native step when there is one, else the same computation as torch operators.
         """
+        self._check_decode(ids, cache, slots, first, rope, rows)
         if self.native is not None:
-            return self.native(self.embed_tokens(ids), cache, slot, first, rope)
-        mask = None
-        if bool(first.any()):
-            mask = additive_mask(torch.arange(slot + 1)[None, :] >= first[:, None])[:, None, None]
-        return self(ids[:, None], cache, slot, rope[:, None, None], mask)
+            return self.native(self.embed_tokens(ids), cache, slots, first, rope, rows)
+        if rows is None:
+            rows = torch.arange(ids.shape[0])
+        window = torch.arange(int(slots.max()) + 1)[None, :]
+        visible = (window >= first[:, None]) & (window <= slots[:, None])
+        mask = additive_mask(visible)[:, None, None]
+        h = self.embed_tokens(ids)
+        for layer, kv in zip(self.layers, cache):
+            h = layer.decode(h, kv, rows, slots, rope[:, None, None], mask)
+        return self._logits(h)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -381,10 +460,31 @@ def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear layer in the engine layout, by name (lm_head last)."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = {"qkv": (q + 2 * kv, c.hidden_size), "o": (c.hidden_size, q),
+                 "gate_up": (2 * c.intermediate_size, c.hidden_size),
+                 "down": (c.hidden_size, c.intermediate_size)}
+    shapes = {f"layers.{i}.{n}": shape for i in range(c.num_hidden_layers) for n, shape in per_layer.items()}
+    return shapes | {"lm_head": (c.vocab_size, c.hidden_size)}
+
+
 def linear_names(config: LlamaConfig) -> list[str]:
     """Names of every Linear layer in the engine layout (the ones quantization applies to)."""
-    per_layer = ("qkv", "o", "gate_up", "down")
-    return [f"layers.{i}.{n}" for i in range(config.num_hidden_layers) for n in per_layer] + ["lm_head"]
+    return list(linear_shapes(config))
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`tensor` when it has `shape`, else an error naming the tensor and both shapes.
+
+    Why: the native decode step trusts every size it is given; a checkpoint that disagrees with
+    its config (an lm_head with more rows than `vocab_size`) would write past its buffers."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise SlmError(f"weight '{name}' has shape {list(tensor.shape)}, but config.json implies "
+                       f"{list(shape)}")
+    return tensor
 
 
 def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -392,20 +492,24 @@ def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[s
 
     Output names: `layers.{i}.{qkv,o,gate_up,down}.{weight,bias}`, `layers.{i}.{attn,mlp}_norm`,
     `norm`, `lm_head.weight`, and `embed` only when embeddings are not tied. Consumes `weights`.
+    Every tensor's shape is checked against the config.
     """
     c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, out: int, inp: int | None = None) -> torch.Tensor:
+        """The weight `name`: [out, inp] (a bias or norm when `inp` is None, or when `name` is a bias)."""
+        shape = (out,) if inp is None or name.endswith(".bias") else (out, inp)
         for key in (name, name.removeprefix("model.")):
             if key in weights:
-                return weights.pop(key).float()
+                return check_shape(name, weights.pop(key), shape).float()
         raise SlmError(f"checkpoint lacks weight '{name}'")
 
     def has(name: str) -> bool:
         return name in weights or name.removeprefix("model.") in weights
 
     def rotary(name: str, heads: int) -> torch.Tensor:
-        return _pair_rotary_rows(take(name), heads, c.head_dim)
+        return _pair_rotary_rows(take(name, heads * c.head_dim, c.hidden_size), heads, c.head_dim)
 
     # Attention scores need q.k / sqrt(head_dim): scale q's rows once here instead of every step
     # (exact for power-of-two head sizes).
@@ -418,25 +522,26 @@ def hf_to_state(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> dict[s
             state[s + f"qkv.{kind}"] = torch.cat([
                 rotary(p + f"self_attn.q_proj.{kind}", c.num_attention_heads) * q_scale,
                 rotary(p + f"self_attn.k_proj.{kind}", c.num_key_value_heads),
-                take(p + f"self_attn.v_proj.{kind}")])
+                take(p + f"self_attn.v_proj.{kind}", kv, c.hidden_size)])
         for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
-            state[s + f"gate_up.{kind}"] = torch.cat([take(p + f"mlp.gate_proj.{kind}"),
-                                                      take(p + f"mlp.up_proj.{kind}")])
-            state[s + f"down.{kind}"] = take(p + f"mlp.down_proj.{kind}")
-        state[s + "o.weight"] = take(p + "self_attn.o_proj.weight")
+            state[s + f"gate_up.{kind}"] = torch.cat([
+                take(p + f"mlp.gate_proj.{kind}", c.intermediate_size, c.hidden_size),
+                take(p + f"mlp.up_proj.{kind}", c.intermediate_size, c.hidden_size)])
+            state[s + f"down.{kind}"] = take(p + f"mlp.down_proj.{kind}", c.hidden_size,
+                                             c.intermediate_size)
+        state[s + "o.weight"] = take(p + "self_attn.o_proj.weight", c.hidden_size, q)
         if has(p + "self_attn.o_proj.bias"):
-            state[s + "o.bias"] = take(p + "self_attn.o_proj.bias")
-        state[s + "attn_norm"] = take(p + "input_layernorm.weight")
-        state[s + "mlp_norm"] = take(p + "post_attention_layernorm.weight")
-    embed = take("model.embed_tokens.weight")
-    if embed.shape != (c.vocab_size, c.hidden_size):
-        raise SlmError(f"embedding is {tuple(embed.shape)}, config says ({c.vocab_size}, {c.hidden_size})")
+            state[s + "o.bias"] = take(p + "self_attn.o_proj.bias", c.hidden_size)
+        state[s + "attn_norm"] = take(p + "input_layernorm.weight", c.hidden_size)
+        state[s + "mlp_norm"] = take(p + "post_attention_layernorm.weight", c.hidden_size)
+    embed = take("model.embed_tokens.weight", c.vocab_size, c.hidden_size)
     if c.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
         state["lm_head.weight"] = embed
     else:
-        state["lm_head.weight"], state["embed"] = take("lm_head.weight"), embed
-    state["norm"] = take("model.norm.weight")
+        state["lm_head.weight"] = take("lm_head.weight", c.vocab_size, c.hidden_size)
+        state["embed"] = embed
+    state["norm"] = take("model.norm.weight", c.hidden_size)
     leftover = [k for k in weights if "rotary_emb" not in k]
     if leftover:
         raise SlmError(f"checkpoint has weights this Llama model does not use: {leftover[:5]}")
@@ -451,33 +556,40 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor], *,
     With `native` (and a C compiler, see `engine.native`) decoding runs the C step.
     """
     lib = native_step.library() if native else None
+    shapes = linear_shapes(config)
 
     def linear_from_state(name: str) -> nn.Module:
+        out, inp = shapes[name]
         if f"{name}.weight" in state:
-            return DenseLinear(state.pop(f"{name}.weight"), state.pop(f"{name}.bias", None),
-                               blocked=lib is None)
-        return quantized_linear_from_state(state, name)
+            weight = check_shape(f"{name}.weight", state.pop(f"{name}.weight"), (out, inp))
+            bias = state.pop(f"{name}.bias", None)
+            if bias is not None:
+                check_shape(f"{name}.bias", bias, (out,))
+            return DenseLinear(weight, bias, blocked=lib is None)
+        return quantized_linear_from_state(state, name, (out, inp))
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str, *shape: int) -> torch.Tensor:
         if name not in state:
             raise SlmError(f"weights for '{name}' are missing")
-        return state.pop(name).float()
+        return check_shape(name, state.pop(name), shape).float()
 
     def layer(i: int) -> DecoderLayer:
         return DecoderLayer(config, *(linear_from_state(f"layers.{i}.{n}")
                                       for n in ("qkv", "o", "gate_up", "down")),
-                            attn_norm=get(f"layers.{i}.attn_norm"),
-                            mlp_norm=get(f"layers.{i}.mlp_norm"))
+                            attn_norm=get(f"layers.{i}.attn_norm", config.hidden_size),
+                            mlp_norm=get(f"layers.{i}.mlp_norm", config.hidden_size))
 
-    embed = get("embed") if "embed" in state else None
+    embed = get("embed", config.vocab_size, config.hidden_size) if "embed" in state else None
     if embed is None and "lm_head.weight" in state:
-        embed = state["lm_head.weight"].float()  # tied float32 (a plain lm_head shares it)
+        # Tied float32 (a plain lm_head shares it).
+        embed = check_shape("lm_head.weight", state["lm_head.weight"],
+                            (config.vocab_size, config.hidden_size)).float()
     # Building a layer can mean reordering its weights (torch's int4 tiles; oneDNN's blocked
     # float32 layout when there is no native step), one core per weight: a thread per core.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         lm_head = pool.submit(linear_from_state, "lm_head")
         layers = list(pool.map(layer, range(config.num_hidden_layers)))
-        model = LlamaModel(config, embed, layers, get("norm"), lm_head.result())
+        model = LlamaModel(config, embed, layers, get("norm", config.hidden_size), lm_head.result())
     if lib is not None:
         model.use_native(lib)
     return model

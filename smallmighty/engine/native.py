@@ -3,7 +3,7 @@
 Why: at batch 1 a decode step is bound by reading the weights, and run as torch operators it also
 pays ~55 operator calls per layer plus torch's int8 kernel reading weights at about half of memory
 speed (see the C file). The C step is compiled on first use with the machine's C compiler
-(`$CC`, else `cc`) for this CPU (`-march=native`), cached in the `kernels` folder of smallmighty's cache (`smallmighty.cache`)
+(`$CC`, which may carry arguments such as `ccache gcc`, else `cc`) for this CPU (`-march=native`), cached in the `kernels` folder of smallmighty's cache (`smallmighty.cache`)
 keyed on the source, flags and CPU, and loaded with ctypes, so the package stays pure Python.
 Without a compiler, or with `SLM_NATIVE=0`, the engine runs the same step with torch operators.
 """
@@ -14,15 +14,19 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from smallmighty.cache import cache_dir as cache_dir_for
+from smallmighty.engine.quantize import INT4_GROUP_MULTIPLE
+from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -61,6 +65,11 @@ def _cpu_key() -> str:
     return platform.processor() or platform.machine()
 
 
+def compiler_command(compiler: str | None = None) -> list[str]:
+    """The C compiler as a command line: `compiler`, else `$CC` (split like a shell: `ccache gcc`), else cc."""
+    return shlex.split(compiler or os.environ.get("CC") or "cc") or ["cc"]
+
+
 def build(cache_dir: Path | None = None, compiler: str | None = None, arch: str = "native") -> Path:
     """Compile the C step (once per source, flags, compiler and CPU) and return the library path.
 
@@ -68,19 +77,19 @@ def build(cache_dir: Path | None = None, compiler: str | None = None, arch: str 
     to check the AVX2 and plain vector code). Raises OSError or subprocess.CalledProcessError when
     no working compiler is found.
     """
-    compiler = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise OSError(f"no C compiler '{compiler}' on PATH")
+    command = compiler_command(compiler)
+    if shutil.which(command[0]) is None:
+        raise OSError(f"no C compiler '{command[0]}' on PATH")
     flags = [*FLAGS, f"-march={arch}"]
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), shlex.join(command).encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
     target = (cache_dir or cache_dir_for("kernels")) / f"decode-{key}.so"
     if not target.is_file():
         print("Compiling the native decode step for this CPU (once, about 5 s).", file=sys.stderr)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
+            subprocess.run([*command, *flags, str(SOURCE), "-o", str(tmp), "-lm"], check=True,
                            capture_output=True, timeout=300)
     return target
 
@@ -90,27 +99,33 @@ def load(path: Path) -> Any:
     lib = ctypes.CDLL(str(path))
     lib.slm_decode.restype = ctypes.c_int
     lib.slm_decode.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_int]
+                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
 _LIBRARY: Any = None
+#: Models load their layers from a thread pool, and servers load models from threads: the first
+#: caller builds the library while the others wait for it (not a second compile, nor a
+#: half-set global).
+_LIBRARY_LOCK = threading.Lock()
 
 
 def library() -> Any:
     """The loaded C library, or None when it is switched off (`SLM_NATIVE=0`) or cannot be built."""
     global _LIBRARY
-    if _LIBRARY is None:
-        _LIBRARY = False
-        if os.environ.get("SLM_NATIVE", "1") != "0":
-            try:
-                _LIBRARY = load(build())
-            except (OSError, subprocess.SubprocessError) as err:
-                detail = getattr(err, "stderr", b"") or b""
-                print(f"Native decode step unavailable ({err}{': ' if detail else ''}"
-                      f"{detail.decode(errors='replace')[:500]}); using torch operators.",
-                      file=sys.stderr)
+    with _LIBRARY_LOCK:
+        if _LIBRARY is None:
+            found = False
+            if os.environ.get("SLM_NATIVE", "1") != "0":
+                try:
+                    found = load(build())
+                except (OSError, subprocess.SubprocessError) as err:
+                    detail = getattr(err, "stderr", b"") or b""
+                    print(f"Native decode step unavailable ({err}{': ' if detail else ''}"
+                          f"{detail.decode(errors='replace')[:500]}); using torch operators.",
+                          file=sys.stderr)
+            _LIBRARY = found
     return _LIBRARY or None
 
 
@@ -225,29 +240,40 @@ class NativeDecoder:
         bias = None if module.bias is None else self._tensor(module.bias)
         kind, tensors = module.native_weights()
         weight, scale, params = tensors + (None,) * (3 - len(tensors))
+        # The model's loader checked every shape against the config; these are what C relies on.
+        group = getattr(module, "group_size", 0)
+        if kind == "int4" and (group <= 0 or group % INT4_GROUP_MULTIPLE):
+            raise SlmError(f"int4 groups of {group} inputs: the native step needs a multiple of "
+                           f"{INT4_GROUP_MULTIPLE}")
+        codes = module.out_features * module.in_features // (2 if kind == "int4" else 1)
+        if weight.numel() != codes or not weight.is_contiguous():
+            raise SlmError(f"a {kind} layer of {module.out_features}x{module.in_features} holds "
+                           f"{weight.numel()} codes")
         self._keep.extend(t for t in tensors if t is not None)
         return _Linear(kind=KINDS[kind], out=module.out_features, inp=module.in_features,
-                       group=getattr(module, "group_size", 0), weight=_ptr(weight),
+                       group=group, weight=_ptr(weight),
                        scale=_ptr(scale), params=_ptr(params), bias=bias)
 
-    def __call__(self, h: torch.Tensor, cache: list[torch.Tensor], slot: int, first: torch.Tensor,
-                 rope: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per row; see `slm_decode` in the C file for the arguments.
+    def __call__(self, h: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
+                 first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """Logits [B, V] for one new token per row; see `LlamaModel.decode` for the arguments.
 
-        `h` [B, hidden] float32 (overwritten), `first` [B] int64, `rope` [B, head_dim / 2] complex64.
+        `h` [B, hidden] float32 (overwritten), `rope` [B, head_dim / 2] complex64.
         """
         batch = h.shape[0]
+        if rows is None:
+            rows = torch.arange(batch)
         # Local names keep any contiguous copies alive until the call returns.
         h = h.float().contiguous()
-        first = first.to(torch.int64).contiguous()
+        rows, slots, first = (t.to(torch.int64).contiguous() for t in (rows, slots, first))
         rope = rope.contiguous()
-        if not all(kv.is_contiguous() and kv.dtype == torch.float32 for kv in cache):
-            raise ValueError("the native decode step needs contiguous float32 caches (LlamaModel.new_cache)")
         logits = torch.empty(batch, self.vocab)
         pointers = (ctypes.c_void_p * len(cache))(*[kv.data_ptr() for kv in cache])
         status = self.lib.slm_decode(ctypes.byref(self.spec), batch, h.data_ptr(), pointers,
-                                     cache[0].shape[2], slot, first.data_ptr(), rope.data_ptr(),
-                                     logits.data_ptr(), torch.get_num_threads())
+                                     cache[0].shape[2], rows.data_ptr(), slots.data_ptr(),
+                                     first.data_ptr(), rope.data_ptr(), logits.data_ptr(),
+                                     torch.get_num_threads())
         if status != 0:
             raise MemoryError("native decode step: out of memory for its scratch buffers")
         return logits

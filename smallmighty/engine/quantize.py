@@ -42,6 +42,9 @@ PRECISIONS = ("fp32", "int8", "int4")
 #: Inputs per int4 group. On SmolLM2-135M (whose weights come from a Q4_1 file with blocks of 32)
 #: groups of 64/128 cost +54% wikitext-2 perplexity against +5% for 32, and were not faster.
 INT4_GROUP_SIZE = 32
+#: int4 groups must be a multiple of this: the native step reads a group's codes 16 bytes at a
+#: time, and torch's int4 kernel takes groups of 32 to 256.
+INT4_GROUP_MULTIPLE = 32
 
 def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
     """x rounded to the nearest bfloat16, kept as float32: the kernels read scales and zeros in
@@ -66,7 +69,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4: returns (packed [N, K/2] uint8, scale [N, K/g], zero [N, K/g])."""
     n, k = weight.shape
-    if k % group_size or group_size % 2:
+    if group_size <= 0 or group_size % INT4_GROUP_MULTIPLE:
+        raise SlmError(f"int4 group size must be a multiple of {INT4_GROUP_MULTIPLE}, got {group_size}")
+    if k % group_size:
         raise SlmError(f"int4 needs layer inputs divisible by its group size {group_size}, got {k}")
     w = weight.float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=2), w.amax(dim=2)
@@ -307,18 +312,54 @@ def quantize_state(state: dict[str, torch.Tensor], plan: dict[str, str]) -> dict
     return out
 
 
-def quantized_linear_from_state(state: dict[str, torch.Tensor], name: str) -> QuantizedLinear:
+def quantized_linear_from_state(state: dict[str, torch.Tensor], name: str,
+                                shape: tuple[int, int] | None = None) -> QuantizedLinear:
     """The quantized Linear module stored under `name` in a state dict: Int8Linear or Int4Linear.
 
-    Pops the entries it uses, so the module holds the only reference to its tensors.
+    Pops the entries it uses, so the module holds the only reference to its tensors. Its tensors'
+    shapes are checked against each other and, when given, against the layer's (out, in) `shape`:
+    the native decode step trusts them.
     """
     bias = state.pop(f"{name}.bias", None)
     if f"{name}.qweight" in state:
-        return Int8Linear(state.pop(f"{name}.qweight"), state.pop(f"{name}.scale"), bias)
-    if f"{name}.packed" in state:
-        return Int4Linear(state.pop(f"{name}.packed"), state.pop(f"{name}.scale"),
-                          state.pop(f"{name}.zero"), bias)
-    raise SlmError(f"weights for layer '{name}' are missing")
+        qweight, scale = state.pop(f"{name}.qweight"), state.pop(f"{name}.scale")
+        out, inp = _check_codes(name, "qweight", qweight, torch.int8, shape, 1)
+        _check_part(name, "scale", scale, (out,))
+        layer: QuantizedLinear = Int8Linear(qweight, scale, bias)
+    elif f"{name}.packed" in state:
+        packed, scale, zero = (state.pop(f"{name}.{part}") for part in ("packed", "scale", "zero"))
+        out, inp = _check_codes(name, "packed", packed, torch.uint8, shape, 2)
+        groups = scale.shape[-1] if scale.dim() == 2 else 0
+        if not groups or inp % groups or (inp // groups) % INT4_GROUP_MULTIPLE:
+            raise SlmError(f"weights for layer '{name}': scale has shape {list(scale.shape)}; int4 "
+                           f"needs [{out}, groups] with groups of a multiple of "
+                           f"{INT4_GROUP_MULTIPLE} of its {inp} inputs")
+        _check_part(name, "scale", scale, (out, groups))
+        _check_part(name, "zero", zero, (out, groups))
+        layer = Int4Linear(packed, scale, zero, bias)
+    else:
+        raise SlmError(f"weights for layer '{name}' are missing")
+    if bias is not None:
+        _check_part(name, "bias", bias, (out,))
+    return layer
+
+
+def _check_codes(name: str, part: str, codes: torch.Tensor, dtype: torch.dtype,
+                 shape: tuple[int, int] | None, per_byte: int) -> tuple[int, int]:
+    """(out, in) of a quantized layer from its codes (`per_byte` codes per stored element)."""
+    if codes.dim() != 2 or codes.dtype != dtype:
+        raise SlmError(f"weights for layer '{name}': {part} must be a 2-D {dtype} tensor, "
+                       f"got {list(codes.shape)} {codes.dtype}")
+    out, inp = codes.shape[0], codes.shape[1] * per_byte
+    if shape is not None and (out, inp) != tuple(shape):
+        _check_part(name, part, codes, (shape[0], shape[1] // per_byte))
+    return out, inp
+
+
+def _check_part(name: str, part: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise SlmError(f"weights for layer '{name}': {part} has shape {list(tensor.shape)}, "
+                       f"expected {list(shape)}")
 
 
 def save_state(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -349,8 +349,8 @@ def test_quantized_batched_decoding_agrees_with_one_sequence_at_a_time(model_dir
         for batch in (1, 3):
             cache = model.new_cache(batch, 10)
             model(prompt.expand(batch, -1), cache, 0, rope[None, :9, None])
-            step = model.decode(torch.tensor([7] * batch), cache, 9, torch.zeros(batch, dtype=torch.long),
-                                rope[9:10].expand(batch, -1))
+            step = model.decode(torch.tensor([7] * batch), cache, torch.full((batch,), 9),
+                                torch.zeros(batch, dtype=torch.long), rope[9:10].expand(batch, -1))
             logits.append(step)
     one, batched = logits
     assert torch.equal(batched[0], batched[2])  # rows of one batch never mix
@@ -384,7 +384,7 @@ def test_smollm2_decode_steps_score_text_like_the_prompt_pass(smollm2_dir, share
     nll = 0.0
     with torch.inference_mode():
         for t in range(len(ids) - 1):
-            logits = model.decode(torch.tensor(ids[t:t + 1]), cache, t, zero, rope[t:t + 1])
+            logits = model.decode(torch.tensor(ids[t:t + 1]), cache, zero + t, zero, rope[t:t + 1])
             nll += F.cross_entropy(logits, torch.tensor(ids[t + 1:t + 2])).item()
     stepped = math.exp(nll / (len(ids) - 1))
     whole = perplexity(model, ids, context=len(ids), progress=False)

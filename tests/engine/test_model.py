@@ -126,3 +126,58 @@ def test_sharded_checkpoints_load_the_same_weights(tmp_path):
 def test_folder_without_safetensors_is_an_error(tmp_path):
     with pytest.raises(SlmError, match="safetensors"):
         read_hf_weights(tmp_path)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_rows_at_their_own_slots_decode_like_each_sequence_alone(tmp_path, native):
+    # What a continuous-batching server does: sequences of different lengths in chosen rows of one
+    # larger cache (the other rows hold someone else's data), stepped together, then a subset.
+    from smallmighty.engine import native as native_step
+
+    if native and native_step.library() is None:
+        pytest.skip("no native step on this machine")
+    _hf_model(tmp_path)
+    config = LlamaConfig.from_file(tmp_path / "config.json")
+    model = model_from_state(config, hf_to_state(config, read_hf_weights(tmp_path)), native=native)
+    assert (model.native is not None) == native
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=g) for n in (3, 9, 6)]
+    steps = [torch.randint(0, BASE["vocab_size"], (3,), generator=g) for _ in range(3)]
+    rope, slots = model.rope(16), 16
+
+    def prefill(prompt, cache):
+        model(prompt[None], cache, 0, rope[None, : len(prompt), None])
+
+    with torch.inference_mode():
+        # Each sequence alone, in a cache of its own: its prompt, then three tokens.
+        alone = []
+        for i, prompt in enumerate(prompts):
+            cache = model.new_cache(1, slots)
+            prefill(prompt, cache)
+            logits = []
+            for t, token in enumerate(s[i] for s in steps):
+                at = torch.tensor([len(prompt) + t])
+                logits.append(model.decode(token[None], cache, at, torch.zeros(1, dtype=torch.long),
+                                           rope[at]))
+            alone.append(logits)
+
+        # Together: rows 4, 0, 2 of a 5-row cache full of noise, prompts filled in place.
+        cache = model.new_cache(5, slots)
+        for layer in cache:
+            layer.copy_(torch.randn(layer.shape, generator=g))
+        rows = torch.tensor([4, 0, 2])
+        for row, prompt in zip(rows.tolist(), prompts):
+            prefill(prompt, [layer[row:row + 1] for layer in cache])
+        lengths = torch.tensor([len(p) for p in prompts])
+        zeros = torch.zeros(3, dtype=torch.long)
+        for t in range(2):
+            at = lengths + t
+            got = model.decode(steps[t], cache, at, zeros, rope[at], rows)
+            for i in range(3):
+                torch.testing.assert_close(got[i:i + 1], alone[i][t], atol=1e-5, rtol=1e-5)
+        # The last step for sequences 2 and 0 only (in that order), their rows named explicitly.
+        pick = torch.tensor([2, 0])
+        at = lengths[pick] + 2
+        got = model.decode(steps[2][pick], cache, at, zeros[:2], rope[at], rows[pick])
+        for j, i in enumerate(pick.tolist()):
+            torch.testing.assert_close(got[j:j + 1], alone[i][2], atol=1e-5, rtol=1e-5)

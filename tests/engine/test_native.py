@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 
@@ -13,7 +12,7 @@ from smallmighty.engine import native
 from smallmighty.engine.model import LlamaConfig, linear_names, model_from_state
 from smallmighty.engine.quantize import dequantize_int4, dequantize_int8, quantize_state
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None,
+pytestmark = pytest.mark.skipif(shutil.which(native.compiler_command()[0]) is None,
                                 reason="no C compiler: the engine runs torch operators instead")
 
 #: Widths that are not multiples of the kernels' vector sizes (tails), 5 query heads of size 8
@@ -91,7 +90,8 @@ def _decode_steps(model, batch: int, first: list[int], steps: int = 4) -> list[t
         for step in range(steps):
             slot = 6 + step
             ids = torch.randint(0, model.config.vocab_size, (batch,), generator=g)
-            out.append(model.decode(ids, cache, slot, firsts, rope[slot - firsts]).clone())
+            slots = torch.full((batch,), slot)
+            out.append(model.decode(ids, cache, slots, firsts, rope[slot - firsts]).clone())
     return out
 
 
@@ -148,10 +148,11 @@ def test_rows_of_a_batch_do_not_depend_on_each_other(precision):
     first = torch.arange(11) % 4
     rope = model.rope(slots)
     with torch.inference_mode():
-        batched = model.decode(ids, [c.clone() for c in cache], slot, first, rope[slot - first])
+        slots = torch.full((11,), slot)
+        batched = model.decode(ids, [c.clone() for c in cache], slots, first, rope[slot - first])
         for row in (0, 5, 9, 10):
-            alone = model.decode(ids[row:row + 1], [c[row:row + 1].clone() for c in cache], slot,
-                                 first[row:row + 1], rope[slot - first[row:row + 1]])
+            alone = model.decode(ids[row:row + 1], [c[row:row + 1].clone() for c in cache],
+                                 slots[row:row + 1], first[row:row + 1], rope[slot - first[row:row + 1]])
             torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-5, rtol=1e-5)
 
 
@@ -176,6 +177,33 @@ def test_kernel_is_compiled_once_per_cache_and_missing_compilers_fall_back(tmp_p
     assert model_from_state(config, _state(config)).native is None
 
 
+def test_compiler_may_carry_arguments_and_concurrent_first_calls_build_once(tmp_path, monkeypatch, capsys):
+    # `CC="ccache gcc"` is common; "cc -w" is the same shape with what every machine has.
+    monkeypatch.setenv("CC", "cc -w")
+    assert native.compiler_command() == ["cc", "-w"]
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_LIBRARY", None)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        libraries = list(pool.map(lambda _: native.library(), range(4)))
+    assert libraries[0] is not None and all(lib is libraries[0] for lib in libraries)
+    assert capsys.readouterr().err.count("Compiling the native decode step") == 1
+    assert len(list((tmp_path / "kernels").glob("decode-*.so"))) == 1
+
+
+@pytest.mark.skipif(shutil.which("gcc-11") is None, reason="gcc-11 is not installed")
+def test_builds_with_gcc_11(tmp_path):
+    # Ubuntu 22.04's default compiler (no __builtin_shufflevector before GCC 12).
+    lib = native.load(native.build(tmp_path, compiler="gcc-11"))
+    config = _config(**WIDE)
+    state = _state_at(config, "int4")
+    reference = model_from_state(config, _dequantized(state), native=False)
+    model = model_from_state(config, dict(state))
+    assert model.use_native(lib)
+    _assert_same_steps(model, reference, 1e-5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_weights_move_to_one_region_and_every_alias_follows(precision):
     # A module's second name for its weight (int8's kernel view, the tied float32 embedding)
@@ -190,3 +218,165 @@ def test_weights_move_to_one_region_and_every_alias_follows(precision):
             assert module._kernel_weight.data_ptr() == module.qweight.data_ptr()
     if precision == "fp32":
         assert model.embed.data_ptr() == model.lm_head.weight.data_ptr()
+
+
+# ---- malformed calls and checkpoints: clear errors, never a crash ------------------------------
+
+def _good_call(model) -> dict:
+    """Arguments of a valid decode step: 2 sequences in rows 2 and 0 of a 3-row, 8-slot cache."""
+    cache = model.new_cache(3, 8)
+    for layer in cache:
+        layer.zero_()
+    slots, first = torch.tensor([5, 3]), torch.tensor([1, 0])
+    return dict(ids=torch.tensor([1, 2]), cache=cache, slots=slots, first=first,
+                rope=model.rope(8)[slots - first], rows=torch.tensor([2, 0]))
+
+
+#: case -> (what changes in the good call, a piece of the error message)
+MALFORMED_CALLS = {
+    "slot past the cache": (lambda a: a | {"slots": torch.tensor([8, 3])}, "slot 8"),
+    "negative slot": (lambda a: a | {"slots": torch.tensor([5, -1]), "first": torch.tensor([0, -1])},
+                      "first -1"),
+    "first after slot": (lambda a: a | {"first": torch.tensor([1, 4])}, "first 4 and slot 3"),
+    "batch larger than the cache": (lambda a: a | {"ids": torch.tensor([1, 2, 3, 4]),
+                                                  "slots": torch.tensor([5] * 4),
+                                                  "first": torch.zeros(4, dtype=torch.long),
+                                                  "rope": a["rope"][:1].expand(4, -1), "rows": None},
+                                    "4 distinct values in [0, 3)"),
+    "too few caches": (lambda a: a | {"cache": a["cache"][:-1]}, "one cache per layer"),
+    "rows out of range": (lambda a: a | {"rows": torch.tensor([3, 0])}, "[3, 0]"),
+    "repeated rows": (lambda a: a | {"rows": torch.tensor([1, 1])}, "distinct"),
+    "slots of another batch size": (lambda a: a | {"slots": torch.tensor([5, 3, 2])}, "slots must be"),
+    "float slots": (lambda a: a | {"slots": torch.tensor([5.0, 3.0])}, "slots must be"),
+    "cache of another model": (lambda a: a | {"cache": [torch.zeros(3, 2, 8, 8)] * 2},
+                               "every cache must be"),
+    "strided cache": (lambda a: a | {"cache": [kv[:, :, ::2] for kv in a["cache"]]},
+                      "every cache must be"),
+    "rope of another size": (lambda a: a | {"rope": a["rope"][:, :4]}, "rope must be"),
+    "token past the vocabulary": (lambda a: a | {"ids": torch.tensor([1, 101])}, "token ids"),
+}
+
+
+#: case -> a piece of the error message
+MALFORMED_CHECKPOINTS = {
+    "untied lm_head with more rows than vocab_size":
+        "'lm_head.weight' has shape [108, 64], but config.json implies [101, 64]",
+    "mlp projection of the wrong width": "'model.layers.0.mlp.up_proj.weight' has shape [97, 64]",
+    "float32 lm_head with extra rows": "'lm_head.weight' has shape [106, 64]",
+    "int4 groups of 16": "multiple of 32",
+    "int8 scales of another length": "'lm_head': scale has shape [104]",
+}
+
+
+def _malformed_checkpoints(root) -> dict:
+    """case (of MALFORMED_CHECKPOINTS) -> a function loading that bad checkpoint."""
+    from safetensors.torch import save_file
+
+    from smallmighty.engine.model import LlamaConfig, hf_to_state, read_hf_weights
+
+    config = _config(**WIDE)
+    c = config
+
+    def hf_folder(name: str, **extra_rows: int):
+        folder = root / name
+        folder.mkdir()
+        weights = {"model.embed_tokens.weight": torch.zeros(c.vocab_size, c.hidden_size),
+                   "lm_head.weight": torch.zeros(c.vocab_size + extra_rows.get("lm_head", 0), c.hidden_size),
+                   "model.norm.weight": torch.ones(c.hidden_size)}
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            weights |= {p + "self_attn.q_proj.weight": torch.zeros(q, c.hidden_size),
+                        p + "self_attn.k_proj.weight": torch.zeros(kv, c.hidden_size),
+                        p + "self_attn.v_proj.weight": torch.zeros(kv, c.hidden_size),
+                        p + "self_attn.o_proj.weight": torch.zeros(c.hidden_size, q),
+                        p + "mlp.gate_proj.weight": torch.zeros(c.intermediate_size, c.hidden_size),
+                        p + "mlp.up_proj.weight": torch.zeros(c.intermediate_size
+                                                              + extra_rows.get("up", 0), c.hidden_size),
+                        p + "mlp.down_proj.weight": torch.zeros(c.hidden_size, c.intermediate_size),
+                        p + "input_layernorm.weight": torch.ones(c.hidden_size),
+                        p + "post_attention_layernorm.weight": torch.ones(c.hidden_size)}
+        save_file(weights, str(folder / "model.safetensors"))
+        untied = LlamaConfig(**{**c.__dict__, "tie_word_embeddings": False})
+        return lambda: model_from_state(untied, hf_to_state(untied, read_hf_weights(folder)))
+
+    def int4_groups(group: int):
+        state = _state_at(config, "int4")
+        packed = state["layers.0.o.packed"]
+        groups = 2 * packed.shape[1] // group
+        state["layers.0.o.scale"] = state["layers.0.o.zero"] = torch.ones(packed.shape[0], groups)
+        return lambda: model_from_state(config, state)
+
+    def int8_scale():
+        state = _state_at(config, "int8")
+        state["lm_head.scale"] = torch.ones(c.vocab_size + 3)
+        return lambda: model_from_state(config, state)
+
+    def dense_rows():
+        state = _state(config)
+        state["lm_head.weight"] = torch.zeros(c.vocab_size + 5, c.hidden_size)
+        return lambda: model_from_state(config, state)
+
+    return {"untied lm_head with more rows than vocab_size": hf_folder("lm_head", lm_head=7),
+            "mlp projection of the wrong width": hf_folder("up", up=1),
+            "float32 lm_head with extra rows": dense_rows(),
+            "int4 groups of 16": int4_groups(16),
+            "int8 scales of another length": int8_scale()}
+
+
+def _run_malformed_cases(root: str) -> None:
+    """Run every malformed case, printing one JSON line each: {case, error, message}.
+
+    Runs in a child process (see the test): a check that was missing would crash it (SIGSEGV, a
+    glibc abort), which the test reports instead of dying with it.
+    """
+    import json
+    from pathlib import Path
+
+    from smallmighty.errors import SlmError
+
+    config = _config(**WIDE)
+    model = model_from_state(config, _state(config))
+    assert model.native is not None
+    cases = {name: (lambda change=change: model.decode(**change(_good_call(model))))
+             for name, (change, _) in MALFORMED_CALLS.items()}
+    cases |= _malformed_checkpoints(Path(root))
+    with torch.inference_mode():
+        model.decode(**_good_call(model))  # the unchanged call runs
+        for name, run in cases.items():
+            try:
+                run()
+                outcome = {"error": None, "message": ""}
+            except SlmError as err:
+                outcome = {"error": type(err).__name__, "message": str(err)}
+            print(json.dumps({"case": name, **outcome}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def malformed_outcomes(tmp_path_factory) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    code = (f"import sys; sys.path.insert(0, {str(here)!r}); import test_native; "
+            f"test_native._run_malformed_cases({str(tmp_path_factory.mktemp('bad'))!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    outcomes = {}
+    for line in done.stdout.splitlines():
+        row = json.loads(line)
+        outcomes[row.pop("case")] = row
+    outcomes["exit"] = {"code": done.returncode, "stderr": done.stderr[-2000:]}
+    return outcomes
+
+
+ERROR_MATCHES = {name: match for name, (_, match) in MALFORMED_CALLS.items()} | MALFORMED_CHECKPOINTS
+
+
+@pytest.mark.parametrize("case", ERROR_MATCHES)
+def test_malformed_calls_and_checkpoints_are_clear_errors_not_crashes(malformed_outcomes, case):
+    assert case in malformed_outcomes, f"the child process died before this case: {malformed_outcomes['exit']}"
+    outcome = malformed_outcomes[case]
+    assert outcome["error"] == "SlmError", outcome
+    assert ERROR_MATCHES[case] in outcome["message"] and "\n" not in outcome["message"], outcome

@@ -16,6 +16,7 @@ from smallmighty.errors import SlmError
 
 # Capability modules that contribute verbs, in the order `slm --help` lists them.
 COMMAND_MODULES = [
+    "smallmighty.data.commands",
     "smallmighty.train.commands",
     "smallmighty.distill.commands",
     "smallmighty.evaluate.commands",

@@ -83,3 +83,17 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
+
+
+STORY = ("Once upon a time there was a little cat. The cat liked to play in the sun. "
+         "One day the cat met a dog, and they became good friends.")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 400-entry byte-level BPE (`slm tokenizer train`'s kind: <|endoftext|> at id 0 ends documents)."""
+    from smallmighty.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "text.txt").write_text("\n\n".join([STORY] * 20), encoding="utf-8")
+    return train_tokenizer(root / "text.txt", root / "tokenizer", vocab_size=400)

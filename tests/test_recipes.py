@@ -1,4 +1,5 @@
-"""Every shipped recipe names only settings that `slm distill` knows."""
+"""Every shipped recipe names only settings that its command knows (pretrain-*.json: `slm pretrain`,
+the others `slm distill`)."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,8 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.json"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_keys_are_distill_settings(recipe):
-    args = build_parser().parse_args(["distill"])
+def test_recipe_keys_are_settings_of_its_command(recipe):
+    verb = "pretrain" if recipe.name.startswith("pretrain-") else "distill"
+    args = build_parser().parse_args([verb])
     unknown = set(json.loads(recipe.read_text())) - set(vars(args))
     assert not unknown, f"{recipe.name}: unknown settings {unknown}"

@@ -8,13 +8,15 @@ from pathlib import Path
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int = 32,
-                        max_length: int = 64) -> None:
+                        max_length: int | None = 64) -> argparse._ArgumentGroup:
+    """Add the optimisation flags (`max_length=None` leaves out --max-length); returns their group."""
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default: {epochs})")
     group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate, AdamW (default: {lr})")
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default: {batch_size})")
-    group.add_argument("--max-length", type=int, default=max_length,
-                       help=f"tokens kept per text (default: {max_length})")
+    if max_length is not None:
+        group.add_argument("--max-length", type=int, default=max_length,
+                           help=f"tokens kept per text (default: {max_length})")
     group.add_argument("--max-steps", type=int, default=0, metavar="N",
                        help="train for exactly N optimizer steps instead of --epochs (default: 0, off)")
     group.add_argument("--grad-accum", type=int, default=1, metavar="K",
@@ -27,6 +29,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: flo
     parser.add_argument("--recipe", type=Path, default=None,
                         help="a JSON file of settings (keys are these flags' names with underscores); "
                              "flags given on the command line win")
+    return group
 
 
 def train_config_from_args(args: argparse.Namespace, **overrides):

@@ -1,4 +1,4 @@
-"""`slm finetune`: fine-tune an encoder classifier (the teacher) on a labelled task."""
+"""`slm finetune` (an encoder classifier on a labelled task) and `slm pretrain` (a decoder on a text corpus)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     add_data_arguments(sub)
     add_train_arguments(sub, epochs=3, lr=1e-4)
     sub.set_defaults(handler=run, subparser=sub)
+    register_pretrain(subparsers)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,4 +49,86 @@ def run(args: argparse.Namespace) -> int:
         predicted = load_classifier(str(out)).predict_logits(test_data.texts).argmax(-1)
         row = classification_metrics(test_data.labels, predicted.tolist(), test_data.label_names)
         print(f"test accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}")
+    return 0
+
+
+PRETRAIN_EXAMPLES = """examples:
+  slm pretrain --data ../shared/datasets/tinystories_subset --preset tiny --max-steps 200 --out runs/tiny-lm
+  slm pretrain --data corpus/ --tokenizer runs/tok-8k --preset 30m --seq-len 256 --batch-size 8 --grad-accum 4
+  slm pretrain --data docs.jsonl --text-field body --val-data held_out.jsonl --preset 12m --layers 4
+  slm pretrain --recipe recipes/pretrain-tinystories-30m.json
+  slm pretrain ... --resume                 # continue a killed run from its last checkpoint
+  ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m smallmighty.cli pretrain ...   # 2 processes
+  slm generate --model runs/tiny-lm --raw "Once upon a time"                          # then use it
+
+Presets (sizes with an 8,192-token vocabulary, tied embeddings): tiny (0.6M, for smoke runs), 12m,
+30m, 60m, smollm2-135m. --shape FILE reads a JSON object of shape fields (hidden, layers, heads,
+kv_heads, ffn, max_len, rope_theta, norm_eps); --hidden/--layers/... replace single fields.
+Without --tokenizer, a byte-level BPE of --vocab-size entries is trained on the corpus (once, cached).
+The output is a standard LlamaForCausalLM folder (safetensors + tokenizer); checkpoints live in
+<out>.checkpoint while training.
+"""
+
+
+def register_pretrain(subparsers) -> None:
+    from smallmighty.data.commands import add_corpus_arguments
+
+    sub = subparsers.add_parser("pretrain", help="pretrain a small Llama-style decoder on a text corpus",
+                                description="Train a Llama-style decoder (RoPE, RMSNorm, SwiGLU, grouped-query "
+                                            "attention, tied embeddings) from scratch on a text corpus and save "
+                                            "a standard Hugging Face LlamaForCausalLM folder.",
+                                epilog=PRETRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_arguments(sub, required=False)
+    sub.add_argument("--val-data", default=None, help="validation corpus (default: the last --val-fraction of --data)")
+    sub.add_argument("--val-fraction", type=float, default=0.1,
+                     help="tail of the token stream held out for validation (default: 0.1)")
+    sub.add_argument("--out", default="runs/pretrain", help="output folder (default: runs/pretrain)")
+    model = sub.add_argument_group("model")
+    model.add_argument("--preset", default="30m", help="named shape (default: 30m; see below)")
+    model.add_argument("--shape", default=None, metavar="FILE", help="JSON file of shape fields (over --preset)")
+    for name in ("hidden", "layers", "heads", "kv-heads", "ffn", "max-len"):
+        model.add_argument(f"--{name}", type=int, default=None, help=f"replace the shape's {name.replace('-', '_')}")
+    model.add_argument("--tokenizer", default=None, help="HF tokenizer folder or hub id (default: train one)")
+    model.add_argument("--vocab-size", type=int, default=8192,
+                       help="entries of the tokenizer trained when --tokenizer is not given (default: 8192)")
+    group = add_train_arguments(sub, epochs=1, lr=3e-4, batch_size=8, max_length=None)
+    group.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
+    group.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps warming up (default: 0.05)")
+    group.add_argument("--min-lr-ratio", type=float, default=0.1,
+                       help="the cosine schedule ends at this fraction of --lr (default: 0.1)")
+    group.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    group.add_argument("--eval-every", type=int, default=0, metavar="N",
+                       help="validation perplexity every N steps (default: 0, each epoch's end)")
+    group.add_argument("--max-val-rows", type=int, default=64,
+                       help="validation sequences scored per evaluation (default: 64; 0: all)")
+    speed = sub.add_argument_group("speed")
+    speed.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="bf16 autocast (fp32 weights) or fp32; auto picks bf16 on CPUs with native bf16 "
+                            "(default: auto)")
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the forward and loss (default: off)")
+    sub.set_defaults(handler=run_pretrain, subparser=sub)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from smallmighty.errors import SlmError
+    from smallmighty.models.decoder import decoder_shape
+    from smallmighty.train.pretrain import PretrainConfig, pretrain
+
+    apply_recipe(args, args.subparser)
+    if not args.data:
+        raise SlmError("--data is required: a text file, a JSONL file, a folder of them or a dataset")
+    shape = decoder_shape(args.preset, args.shape, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                          kv_heads=args.kv_heads, ffn=args.ffn, max_len=args.max_len)
+    config = train_config_from_args(args, warmup_ratio=args.warmup_ratio, schedule="cosine",
+                                    min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+                                    eval_every=args.eval_every)
+    settings = PretrainConfig(seq_len=args.seq_len, text_field=args.text_field, val_fraction=args.val_fraction,
+                              val_data=args.val_data, max_val_rows=args.max_val_rows, vocab_size=args.vocab_size,
+                              precision=args.precision, compile=args.compile)
+    result = pretrain(args.data, args.out, shape=shape, tokenizer=args.tokenizer, config=config, settings=settings,
+                      resume=args.resume)
+    if result.best:
+        print(f"validation perplexity {result.best['val_ppl']:.2f} (step {result.best['step']})")
+    print(f"saved model to {args.out}")
     return 0

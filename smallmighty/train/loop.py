@@ -12,6 +12,7 @@ takes exactly the steps the uninterrupted run would have taken.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -96,13 +97,16 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     stopped_early: bool = False
+    step_ends: list[float] = field(default_factory=list)  # seconds from the start to each step's end (this process)
 
 
 def is_main_process() -> bool:
     """True on the one process that writes outputs (always true outside distributed runs)."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    # The first PartialState made fixes the process layout for the run: made without cpu=True on a
+    # CPU machine, it sets up one process per rank instead of one distributed run under torchrun.
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def _accelerator(grad_accum: int):
@@ -142,7 +146,7 @@ class _Selection:
 def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config: TrainConfig,
           *, checkpoint_dir: Path | None = None, resume: bool = False, desc: str = "train",
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, select: str | None = None,
-          higher_is_better: bool = True) -> TrainResult:
+          higher_is_better: bool = True, tokens_per_example: int = 0) -> TrainResult:
     """Train the parameters of `module` that require grad on `examples`.
 
     Each example holds "input_ids" (batches group texts of similar length, see
@@ -155,6 +159,7 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
     the best `select` score are restored at the end (see `TrainConfig` for when evaluations happen).
     With `checkpoint_dir`, a checkpoint (with the evaluations and best weights so far) is written every
     `config.checkpoint_every` steps and at each epoch end; `resume=True` continues from it exactly.
+    With `tokens_per_example` (fixed-length rows, as in pretraining) the progress bar shows tokens/s.
     """
     config.validate()
     if select is not None and evaluate is None:
@@ -193,6 +198,7 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
     progress = tqdm(total=total_steps, initial=state.global_step, desc=desc, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     stopped_early = False
+    started, step_ends = time.perf_counter(), []
     model.train()
     epoch = state.epoch
     while state.global_step < total_steps and not stopped_early:
@@ -228,8 +234,13 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
             micro = 0
             step_in_epoch += 1
             state = TrainState(epoch, step_in_epoch, state.global_step + 1)
+            step_ends.append(time.perf_counter() - started)
             progress.update(1)
-            progress.set_postfix({k: f"{v:.4f}" for k, v in {"loss": loss.item(), **parts}.items()})
+            shown = {k: f"{v:.4f}" for k, v in {"loss": loss.item(), **parts}.items()}
+            if tokens_per_example and len(step_ends) > 1:
+                recent = step_ends[-min(len(step_ends), 11):]  # the last ten steps
+                shown["tok/s"] = f"{per_step * tokens_per_example * (len(recent) - 1) / (recent[-1] - recent[0]):.0f}"
+            progress.set_postfix(shown)
             if evaluate and state.global_step % eval_every == 0:
                 stopped_early = _evaluate(evaluate, model, accelerator, state, selection, progress)
             if stopped_early or state.global_step >= total_steps:
@@ -247,7 +258,7 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
     if selection.best_weights is not None:
         module.load_state_dict(selection.best_weights)
     module.eval()
-    return TrainResult(module, selection.history, selection.best, stopped_early)
+    return TrainResult(module, selection.history, selection.best, stopped_early, step_ends)
 
 
 def _evaluate(evaluate: Callable, model: nn.Module, accelerator, state: TrainState, selection: _Selection,

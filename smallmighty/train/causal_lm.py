@@ -1,0 +1,137 @@
+"""Next-token prediction for the training loop: loss, batches and validation perplexity.
+
+Shared by pretraining (packed rows, every token a target), chat fine-tuning (labels set to
+`IGNORE_INDEX` outside the assistant's turns) and causal-LM distillation (the hard-label term).
+The loss is computed inside the objective's `forward`, as the loop requires, so DDP sees it.
+
+Speed on CPU (measured in /work/notes/lm-train.md): `precision="bf16"` runs the forward and backward
+under bf16 autocast (matrix products in bf16 where the CPU has native bf16 instructions, weights and
+optimizer state stay fp32); `compile=True` hands the forward and loss to `torch.compile`, which fuses
+the element-wise work around the matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smallmighty.errors import SlmError
+
+#: Label of a position that is not a target (padding, a prompt in chat fine-tuning).
+IGNORE_INDEX = -100
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's prediction of the next label, in fp32.
+
+    `logits` [B, T, V] at positions 0..T-1 predict `labels` at 1..T; labels equal to `IGNORE_INDEX`
+    are not targets. (The same shift and mean as transformers' `labels=` loss.)
+    """
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str) -> str:
+    """"auto" becomes "bf16" on CPUs with native bf16 (or a CUDA GPU that has it), else "fp32"."""
+    if precision not in PRECISIONS:
+        raise SlmError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+@dataclass
+class CausalLMCollator:
+    """Stacks examples (`{"input_ids"}`, optionally `{"labels"}`) into a batch.
+
+    Rows of equal length (packed pretraining data) stack as they are and need no attention mask, so
+    attention takes its fast causal path. Ragged rows (chat turns) are right-padded with
+    `pad_token_id`, labelled `IGNORE_INDEX` there, and get an attention mask.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        ids = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
+        labels = [torch.as_tensor(e["labels"], dtype=torch.long) if "labels" in e else i
+                  for e, i in zip(examples, ids)]
+        width = max(len(i) for i in ids)
+        if all(len(i) == width for i in ids):
+            return {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
+        batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
+                 "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
+                 "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
+        for row, (i, y) in enumerate(zip(ids, labels)):
+            batch["input_ids"][row, :len(i)] = i
+            batch["labels"][row, :len(y)] = y
+            batch["attention_mask"][row, :len(i)] = 1
+        return batch
+
+
+class CausalLMObjective(nn.Module):
+    """Wraps a causal LM (`model(input_ids, attention_mask).logits`) so `forward(batch)` returns the
+    loop's `(loss, parts)`; the wrapped model is `.model`."""
+
+    def __init__(self, model: nn.Module, *, precision: str = "fp32", compile: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.precision = resolve_precision(precision)
+        self._loss = torch.compile(self.batch_loss) if compile else self.batch_loss
+
+    def batch_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        device = input_ids.device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return causal_lm_loss(logits, labels)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self._loss(batch["input_ids"], batch["labels"], batch.get("attention_mask")), {}
+
+
+def targets_in(labels: torch.Tensor) -> int:
+    """How many positions of a batch's `labels` are scored by `causal_lm_loss`."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def perplexity_evaluator(rows: Sequence[dict] | torch.Tensor, collate: Callable, batch_size: int = 8,
+                         ) -> Callable[[CausalLMObjective], dict[str, float]]:
+    """An `evaluate` function for `train`: the objective's token-weighted mean loss over `rows`
+    (validation examples, or a tensor of packed rows) as `val_loss` and its `val_ppl`."""
+    if isinstance(rows, torch.Tensor):
+        rows = [{"input_ids": row} for row in rows]
+    if not rows:
+        raise SlmError("validation perplexity needs at least one validation row")
+    batches = [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+    def evaluate(objective: CausalLMObjective) -> dict[str, float]:
+        device = next(objective.parameters()).device
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = targets_in(batch["labels"])
+            loss, _ = objective(batch)
+            total += loss.item() * n
+            count += n
+        mean = total / max(1, count)
+        return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}
+
+    return evaluate

@@ -1,0 +1,157 @@
+"""`slm pretrain`: a model made on real text runs everywhere; resume after a kill; two processes in sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smallmighty.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPT = "Once upon a time, there was a little"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--data", str(data), "--out", str(out), "--preset", "tiny", "--seq-len", "64",
+            "--vocab-size", "512", "--batch-size", "8", "--lr", "3e-3", "--warmup-ratio", "0.1", *extra]
+
+
+@pytest.fixture(scope="module")
+def stories(shared_datasets) -> Path:
+    return shared_datasets / "tinystories_subset" / "tinystories_subset.txt"
+
+
+@pytest.fixture(scope="module")
+def pretrained(stories, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "model"
+    assert main(_args(stories, out, "--max-steps", "300", "--eval-every", "100", "--lr", "1e-2",
+                      "--precision", "fp32")) == 0
+    return out
+
+
+def test_pretrained_model_learns_and_records_how_it_was_made(pretrained):
+    meta = json.loads((pretrained / "smallmighty.json").read_text())
+    ppl = [h["val_ppl"] for h in meta["history"]]
+    assert len(ppl) == 3 and ppl[-1] < ppl[0] and ppl[-1] < 80  # a uniform guess over 512 tokens is 512
+    assert meta["best"]["val_ppl"] == min(ppl)
+    assert meta["recipe"] == "pretrain" and meta["shape"]["layers"] == 2
+    assert not pretrained.with_name("model.checkpoint").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_engine_and_transformers_give_the_same_greedy_tokens(pretrained, precision):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smallmighty.engine.generate import Engine
+    from smallmighty.engine.sampling import GenerationSettings
+
+    tok = AutoTokenizer.from_pretrained(pretrained)
+    prompt = tok(PROMPT)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(pretrained).eval()
+    with torch.inference_mode():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                               eos_token_id=None)[0, len(prompt):].tolist()
+    assert len(set(expected)) > 3  # a trained model, not a stuck one
+    engine = Engine.from_pretrained(pretrained, precision=precision)
+    engine.eos_token_ids = set()
+    assert engine.encode(PROMPT) == prompt
+    assert engine.generate([prompt], GenerationSettings(max_new_tokens=24)) == [expected]
+
+
+def test_slm_generate_runs_the_pretrained_model(pretrained):
+    result = subprocess.run([sys.executable, "-m", "smallmighty.cli", "generate", "--model", str(pretrained),
+                             "--raw", "--max-new-tokens", "8", PROMPT], env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "8 tokens" in result.stderr
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(stories, tmp_path):
+    cmd = [sys.executable, "-m", "smallmighty.cli"]
+    extra = ("--max-steps", "40", "--checkpoint-every", "2", "--eval-every", "10", "--precision", "bf16")
+    straight = tmp_path / "straight"
+    subprocess.run(cmd + _args(stories, straight, *extra), check=True, env=_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + _args(stories, killed, *extra), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed.with_name("killed.checkpoint") / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["global_step"] >= 12:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_at_kill = json.loads(state.read_text())["global_step"]
+    assert 10 < step_at_kill < 40 and not killed.exists()
+
+    subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=_env(), capture_output=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    history = [json.loads((d / "smallmighty.json").read_text())["history"] for d in (straight, killed)]
+    assert history[0] == history[1]
+
+
+def test_two_processes_under_torchrun_stay_in_sync(stories, tmp_path):
+    """Each rank writes a checksum of its weights after training; gradients averaged, so they agree."""
+    script = tmp_path / "ddp_pretrain.py"
+    script.write_text(f"""
+import json, os, torch
+from accelerate import PartialState
+from smallmighty.models.decoder import decoder_shape
+from smallmighty.train.loop import TrainConfig
+from smallmighty.train.pretrain import PretrainConfig, pretrain
+result = pretrain({str(stories)!r}, {str(tmp_path / "model")!r}, shape=decoder_shape("tiny"),
+                  config=TrainConfig(max_steps=6, batch_size=4, lr=3e-3),
+                  settings=PretrainConfig(seq_len=64, vocab_size=512, precision="fp32"))
+state = PartialState()
+flat = torch.cat([p.detach().flatten() for p in result.module.parameters()])
+with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), "w") as f:
+    json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(),
+               "sq": flat.double().pow(2).sum().item(), "history": result.history}}, f)
+""")
+    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["sum"] == ranks[1]["sum"] and ranks[0]["sq"] == ranks[1]["sq"]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_pretrain_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "m")]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a short story " * 30)
+    assert main(_args(tiny, tmp_path / "m", "--seq-len", "512")) == 2
+    assert "corpus too small" in capsys.readouterr().err
+    assert main(_args(tiny, tmp_path / "m", "--heads", "3")) == 2
+    assert "not a multiple of heads 3" in capsys.readouterr().err

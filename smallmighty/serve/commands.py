@@ -1,4 +1,4 @@
-"""`slm generate` and `slm chat`: run a small causal language model on this CPU.
+"""`slm generate`, `slm chat` and `slm serve`: run a small model on this CPU.
 
 Nothing heavy is imported here; the engine (and torch with it) loads inside the handlers, so
 `slm --help` stays instant and the time to first token is spent on the model, not on imports.
@@ -7,6 +7,7 @@ Nothing heavy is imported here; the engine (and torch with it) loads inside the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -42,8 +43,30 @@ prompt). When the conversation outgrows the model's context, the oldest turns ar
 """
 
 
+SERVE_EPILOG = """\
+examples:
+  slm serve                                      # SmolLM2-135M-Instruct (int8) on http://127.0.0.1:8000
+  slm serve path/to/model.gguf --port 8080 --max-batch 8
+  slm serve runs/distill/student                 # a classifier from `slm distill`: POST /v1/classify
+  SLM_API_KEY=secret slm serve --host 0.0.0.0    # reachable from other machines, key required
+
+Causal LMs: POST /v1/chat/completions and /v1/completions (OpenAI format, "stream": true for
+server-sent events), GET /v1/models, and a chat page at / in a browser. Classifiers:
+POST /v1/classify with {"input": "text" or ["text", ...]}. Both: GET /health, GET /metrics
+(Prometheus). Any OpenAI client works:
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret-or-anything")
+  client.chat.completions.create(model="smallmighty", messages=[{"role": "user", "content": "Hi"}])
+
+Requests decode together (continuous batching, up to --max-batch at once); when --max-queue more
+already wait, new ones get 429 with Retry-After. SIGTERM or Ctrl-C stops accepting, lets requests
+in flight finish for up to --drain-seconds, then exits.
+"""
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `generate` and `chat` to the `slm` command line."""
+    """Add `generate`, `chat` and `serve` to the `slm` command line."""
     generate = subparsers.add_parser(
         "generate", help="generate text from one prompt, streamed as it is produced",
         description="Generate a reply to one prompt with a small causal language model, streamed to stdout.",
@@ -63,6 +86,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_arguments(chat)
     chat.add_argument("--system", help="system prompt for the whole conversation (default: the template's own)")
     chat.set_defaults(handler=run_chat_command)
+
+    serve = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
+        description="Serve a causal LM (chat and text completions, continuous batching) or a classifier "
+                    "from `slm distill` (/v1/classify) over HTTP.",
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                       help=f"classifier folder, .gguf file, Hugging Face folder or hub id (default: {DEFAULT_MODEL_HELP})")
+    net = serve.add_argument_group("network and limits")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to bind; 0.0.0.0 listens on every interface (default: %(default)s, this machine only)")
+    net.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    net.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $SLM_API_KEY, else none)")
+    net.add_argument("--model-name", default=None,
+                     help="the id /v1/models reports and responses carry (default: the model's folder or file name)")
+    net.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                     help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    net.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    net.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                     help="uvicorn's log level; info logs each request (default: %(default)s)")
+    lm = serve.add_argument_group("causal LMs")
+    lm.add_argument("--precision", choices=("fp32", "int8", "int4"), default="int8",
+                    help="weight precision of the linear layers (default: %(default)s)")
+    lm.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                    help="context per request, prompt plus reply (default: the model's own, at most 2048)")
+    lm.add_argument("--max-batch", type=int, default=16, metavar="N",
+                    help="sequences decoded together; each holds a KV cache of --max-seq-len (default: %(default)s)")
+    lm.add_argument("--max-queue", type=int, default=64, metavar="N",
+                    help="requests that may wait for a free sequence before new ones get 429 (default: %(default)s)")
+    lm.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                    help="prompt tokens run between two decode steps, so long prompts do not stall "
+                         "running replies (default: %(default)s)")
+    clf = serve.add_argument_group("classifiers")
+    clf.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="onnx",
+                     help="inference runtime for a classifier folder (default: %(default)s)")
+    serve.set_defaults(handler=run_serve)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,3 +217,32 @@ def run_chat_command(args: argparse.Namespace) -> int:
     session = ChatSession(engine, settings, system=args.system)
     return run_chat(session, sys.stdin, sys.stdout,
                     banner=f"Chatting with {name} ({engine.precision}, {engine.max_seq_len}-token context).")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model, then serve it until SIGTERM or Ctrl-C."""
+    from pathlib import Path
+
+    from smallmighty.serve.server import ServeConfig, load_service, run_server
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SLM_API_KEY") or None
+    if not 1 <= args.port <= 65535:
+        raise SlmError(f"--port must be in [1, 65535], got {args.port}")
+    if args.max_body_bytes < 1024:
+        raise SlmError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    name = args.model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
+    print(f"Loading {name}...", file=sys.stderr, flush=True)
+    service = load_service(args.model, precision=args.precision, max_seq_len=args.max_seq_len,
+                           max_batch=args.max_batch, max_queue=args.max_queue,
+                           prefill_chunk=args.prefill_chunk, runtime=args.runtime)
+    config = ServeConfig(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                         drain_seconds=args.drain_seconds)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    what = "chat page" if service.kind == "chat" else "POST /v1/classify"
+    print(f"Serving {name} ({service.kind}) on http://{host}:{args.port} ({what}; "
+          f"API key {'required' if api_key else 'not required'}). Ctrl-C stops.", file=sys.stderr, flush=True)
+    try:
+        run_server(service, config, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        service.close()
+    return 0

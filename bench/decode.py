@@ -141,6 +141,11 @@ def ensure_llama_cpp(cache: Path) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "install", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
                        check=True)
         importlib.invalidate_caches()
+    return llama_cpp_sdist(cache)
+
+
+def llama_cpp_sdist(cache: Path) -> Path:
+    """The llama-cpp-python sdist, downloaded and unpacked once: its converter and llama.cpp's sources."""
     source = cache / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
     if not source.is_dir():
         log("fetching the llama-cpp-python sdist for its HF-to-GGUF converter")
@@ -155,20 +160,23 @@ def ensure_llama_cpp(cache: Path) -> Path:
 
 def llama_cpp_ggufs(model_dir: Path, source: Path, cache: Path) -> dict[str, Path]:
     """f32 and q8_0 GGUFs converted from our folder (once), plus the original Q4_1."""
-    files = {}
-    converter = source / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    for outtype in ("f32", "q8_0"):
-        target = cache / f"{model_dir.name}.{outtype}.gguf"
-        if not target.is_file():
-            log(f"converting {model_dir.name} to {outtype} GGUF with llama.cpp's converter")
-            with tempfile.TemporaryDirectory() as view, atomic_path(target) as tmp:
-                done = subprocess.run([sys.executable, str(converter), str(hf_view(model_dir, Path(view))),
-                                       "--outtype", outtype, "--outfile", str(tmp)], capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"llama.cpp's converter failed:\n{done.stderr[-3000:]}")
-        files[outtype] = target
+    files = {outtype: converted_gguf(model_dir, source, cache, outtype) for outtype in ("f32", "q8_0")}
     files["q4_1"] = Path(default_causal_lm_gguf())
     return files
+
+
+def converted_gguf(model_dir: Path, source: Path, cache: Path, outtype: str) -> Path:
+    """`model_dir` as a GGUF of `outtype`, made once with the converter the sdist ships."""
+    converter = source / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    target = cache / f"{model_dir.name}.{outtype}.gguf"
+    if not target.is_file():
+        log(f"converting {model_dir.name} to {outtype} GGUF with llama.cpp's converter")
+        with tempfile.TemporaryDirectory() as view, atomic_path(target) as tmp:
+            done = subprocess.run([sys.executable, str(converter), str(hf_view(model_dir, Path(view))),
+                                   "--outtype", outtype, "--outfile", str(tmp)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"llama.cpp's converter failed:\n{done.stderr[-3000:]}")
+    return target
 
 
 def hf_view(model_dir: Path, view: Path) -> Path:

@@ -134,9 +134,11 @@ class Scheduler:
             self._cond.notify()
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop `seq` (its client went away); its row is freed before the next step."""
+        """Stop `seq` (its client went away): out of the queue now, or its row freed before the next step."""
         seq.cancelled = True
         with self._cond:
+            if seq.row < 0 and seq in self._waiting:
+                self._waiting.remove(seq)
             self._cond.notify()
 
     def queue_depth(self) -> int:
@@ -188,7 +190,6 @@ class Scheduler:
                     return False
                 if self._running:
                     return True
-                self._waiting = deque(s for s in self._waiting if not s.cancelled)
                 self._cond.wait()
 
     def _release(self, seq: Sequence) -> None:

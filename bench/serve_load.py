@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -262,7 +263,7 @@ def load_levels(port_of: "callable", levels: list[int], args: argparse.Namespace
     out = {}
     for clients in levels:
         with port_of(clients) as server:
-            level = asyncio.run(closed_loop(server.port, clients, args.requests or max(4, 48 // clients),
+            level = asyncio.run(closed_loop(server.port, clients, args.requests or max(3, 32 // clients),
                                             args.seconds))
         out[clients] = level.figures()
         f = out[clients]
@@ -367,7 +368,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=0,
-                        help="timed requests per client (default: max(4, 48 / clients))")
+                        help="timed requests per client (default: max(3, 32 / clients))")
     parser.add_argument("--seconds", type=float, default=90.0, help="time bound per level (default: %(default)s)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="leave out llama-server (no build, no download)")
     parser.add_argument("--overload", action="store_true", help="also run 64 clients against a queue of 16")
@@ -388,6 +389,8 @@ def main() -> None:
         if not args.skip_llamacpp:
             cache = cache_dir("bench")
             binary = llama_server_binary(cache)
+            if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
+                subprocess.run([sys.executable, "-m", "pip", "install", "-q", "sentencepiece"], check=True)
             gguf = converted_gguf(model_dir, llama_cpp_sdist(cache), cache, "q8_0")
             theirs = load_levels(lambda clients: llama_server(binary, gguf, free_port(), clients), levels, args,
                                  "llama-server")

@@ -213,7 +213,7 @@ class Scheduler:
                     break
                 seq.prefilled, budget = end, budget - (end - start)
                 if end == len(seq.prompt):
-                    self._accept(seq, logits)
+                    self._accept(seq, int(seq.chooser(logits)[0]))
             if budget <= 0:
                 return
 
@@ -228,12 +228,14 @@ class Scheduler:
             for seq in sequences:
                 self._fail(seq, err)
             return
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row of the batch
         for i, seq in enumerate(sequences):
-            self._accept(seq, logits[i:i + 1])
+            s = seq.settings
+            plain = s.temperature == 0 and s.repetition_penalty == 1.0
+            self._accept(seq, greedy[i] if plain else int(seq.chooser(logits[i:i + 1])[0]))
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Choose `seq`'s next token from `logits` [1, V], emit its text, and finish when due."""
-        token = int(seq.chooser(logits)[0])
+    def _accept(self, seq: Sequence, token: int) -> None:
+        """Take `seq`'s next token, emit its text, and finish when due."""
         seq.generated += 1
         seq.pending = None
         text = seq.text

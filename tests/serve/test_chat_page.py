@@ -71,6 +71,7 @@ def test_chat_page_streams_replies_and_keeps_the_conversation(browser, live: Liv
         const send = window.fetch;
         window.fetch = (url, options) => { window.sent.push(JSON.parse(options.body)); return send(url, options); };
     """)
+    browser.find_element(By.TAG_NAME, "summary").click()  # open the settings
     browser.find_element(By.ID, "max_tokens").clear()
     browser.find_element(By.ID, "max_tokens").send_keys("40")
     box = browser.find_element(By.ID, "message")

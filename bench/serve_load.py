@@ -15,7 +15,7 @@ sending to the first content chunk) and total latency, p50 and p95.
 
 Ours: `slm serve` at int8 with `--max-batch 16`. llama.cpp: `llama-server` built with cmake from the
 source that the llama-cpp-python 0.3.36 sdist vendors (server target only, web UI off; built once into
-the cache, about 10 minutes on one core), on a q8_0 GGUF made from the same converted folder with
+the cache, about 8 minutes on one core), on a q8_0 GGUF made from the same converted folder with
 the converter that sdist ships, restarted per level with `--parallel N` slots (continuous batching is
 on by default; each slot 512 tokens of context; its prompt cache stays on, its default). Both
 servers get 2 threads; the clients are one asyncio process (a hand-written HTTP/1.1 client so their
@@ -241,7 +241,7 @@ def llama_server_binary(cache: Path) -> Path:
     build = cache / "llama-server-build"
     binary = build / "bin" / "llama-server"
     if not binary.is_file():
-        log("building llama-server with cmake (once; about 10 minutes on one core)")
+        log("building llama-server with cmake (once; about 8 minutes on one core)")
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                         "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
@@ -71,10 +70,8 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(classifier_
     classifier.predict_logits = recording
     batcher = ClassifyBatcher(classifier, max_batch=64)
     try:
-        gate = threading.Event()
         blocker = batcher.submit(["first"])  # the batcher is busy with this while the rest queue up
         futures = [batcher.submit([text]) for text in TEXTS * 4]
-        gate.set()
         blocker.result(30)
         labels = [f.result(30)[0]["label"] for f in futures]
         alone = [r["label"] for r in batcher.submit(TEXTS).result(30)]

@@ -4,8 +4,8 @@ A Llama-style decoder (the "30m" preset: 29.4M parameters with an 8,192-token by
 on packed rows of 256 tokens of tiny Shakespeare, batch 8, AdamW, warm-up + cosine, gradient clipping
 at 1.0. Each side runs in its own fresh process: first ours (`smallmighty.train.pretrain.pretrain`, the
 function behind `slm pretrain`), then `transformers.Trainer` configured at its best on a CPU (the same
-autocast precision, fused AdamW, no logging/saving/evaluation inside the timed steps, and
-`torch_compile` when ours compiles). Tokens/s is measured over the steps after `--warmup` steps
+autocast precision and attention implementation, fused AdamW, no logging/saving/evaluation inside the
+timed steps, and `torch_compile` when ours compiles). Tokens/s is measured over the steps after `--warmup` steps
 (compilation, allocator warm-up), from each loop's own step-end times.
 
 MFU = 6 x parameters x tokens/s over this machine's fp32 matmul peak, measured in the same run
@@ -83,7 +83,8 @@ def run_ours(args) -> dict:
         result = pretrain(args.data, Path(tmp) / "model", shape=decoder_shape(args.preset),
                           config=_train_config(args),
                           settings=PretrainConfig(seq_len=args.seq_len, vocab_size=args.vocab_size,
-                                                  precision=args.precision, compile=args.compile, max_val_rows=8))
+                                                  precision=args.precision, compile=args.compile,
+                                                  attention=args.attention, max_val_rows=8))
     return _rate(result.step_ends, args, sum(p.numel() for p in result.module.model.parameters()))
 
 
@@ -94,6 +95,7 @@ def run_trainer(args) -> dict:
     from smallmighty.train.causal_lm import resolve_precision
 
     tok, corpus, shape, model = _setup(args)
+    model.set_attn_implementation(args.attention)
     config = _train_config(args)
     rows = [{"input_ids": row, "labels": row} for row in corpus.train]
     ends: list[float] = []
@@ -109,7 +111,8 @@ def run_trainer(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=config.max_steps,
-            learning_rate=config.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
+            learning_rate=config.lr, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
             warmup_steps=config.warmup_ratio,
             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, bf16=bf16, use_cpu=True,
             optim="adamw_torch_fused", torch_compile=args.compile, logging_strategy="no", save_strategy="no",
@@ -150,6 +153,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--attention", default="eager", choices=("eager", "sdpa"),
+                        help="transformers attention implementation, the same for both sides")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 timed steps")
     parser.add_argument("--side", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,7 +173,8 @@ def main() -> None:
     mfu = {side: flops_per_token * r["tok_s"] / 1e9 / peak["fp32"] for side, r in (("ours", ours), ("hf", hf))}
     print(f"{cpu_name()}, {os.environ.get('OMP_NUM_THREADS', '?')} threads; {args.preset} preset "
           f"({ours['params'] / 1e6:.1f}M parameters), seq {args.seq_len}, batch {args.batch_size}, {precision}"
-          f"{', torch.compile' if args.compile else ''}; matmul peak fp32 {peak['fp32']:.0f} / bf16 "
+          f"{', torch.compile' if args.compile else ''}, {args.attention} attention; "
+          f"matmul peak fp32 {peak['fp32']:.0f} / bf16 "
           f"{peak['bf16']:.0f} GFLOP/s")
     print(f"{'loop':<14}{'tokens/s':>10}{'s/step':>9}{'MFU (fp32 peak)':>17}{'warm-up s':>11}")
     for name, r in (("slm pretrain", ours), ("HF Trainer", hf)):
@@ -180,7 +186,8 @@ def main() -> None:
         "ours_mfu_bf16_peak": round(mfu["ours"] * peak["fp32"] / peak["bf16"], 4),
         "hf_trainer_mfu": round(mfu["hf"], 4), "matmul_peak_gflops": round(peak["fp32"], 1),
         "matmul_peak_bf16_gflops": round(peak["bf16"], 1), "params": ours["params"], "precision": precision,
-        "compile": args.compile, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
+        "compile": args.compile, "attention": args.attention, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "steps": args.steps,
         "cpu": cpu_name(), "threads": os.environ.get("OMP_NUM_THREADS")}))
 
 

@@ -62,8 +62,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_
     step_at_kill = json.loads(state.read_text())["global_step"]
     assert 0 < step_at_kill < 90
 
-    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True, env=subprocess_env(),
-                   capture_output=True)
+    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True,
+                   env=subprocess_env(), capture_output=True)
     a = load_file(straight / "model.safetensors")
     b = load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()

@@ -69,7 +69,8 @@ def test_engine_and_transformers_give_the_same_greedy_tokens(pretrained, precisi
 
 def test_slm_generate_runs_the_pretrained_model(pretrained):
     result = subprocess.run([sys.executable, "-m", "smallmighty.cli", "generate", "--model", str(pretrained),
-                             "--raw", "--max-new-tokens", "8", PROMPT], env=subprocess_env(), capture_output=True, text=True)
+                             "--raw", "--max-new-tokens", "8", PROMPT], env=subprocess_env(), capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "8 tokens" in result.stderr
 
@@ -95,7 +96,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stories, tmp_path):
     step_at_kill = json.loads(state.read_text())["global_step"]
     assert 10 < step_at_kill < 40 and not killed.exists()
 
-    subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=subprocess_env(), capture_output=True)
+    subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=subprocess_env(),
+                   capture_output=True)
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:

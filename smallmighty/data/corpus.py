@@ -27,12 +27,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from smallmighty.cache import cache_dir, content_fingerprint
 from smallmighty.errors import DataError, SlmError
 from smallmighty.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 #: Bump when the cached ids would differ for the same inputs (reading, EOS placement).
 _SCHEME = "corpus-v1"
@@ -57,8 +61,8 @@ class Document:
 class PackedCorpus:
     """Training and validation sequences, each row `seq_len` token ids (int64)."""
 
-    train: "torch.Tensor"  # noqa: F821 - [rows, seq_len]
-    validation: "torch.Tensor"  # noqa: F821
+    train: "torch.Tensor"  # [rows, seq_len]
+    validation: "torch.Tensor"
     seq_len: int
     eos_token_id: int
     source: str
@@ -261,7 +265,7 @@ def _tokenize(documents: Iterator[Document], tokenizer, eos: int, progress: bool
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def pack(ids: np.ndarray, seq_len: int) -> "torch.Tensor":  # noqa: F821
+def pack(ids: np.ndarray, seq_len: int) -> "torch.Tensor":
     """Rows of `seq_len` consecutive ids (int64); the ragged end of the stream is dropped."""
     import torch
 

@@ -77,7 +77,8 @@ def decoder_shape(preset: str | None = None, shape_file: str | Path | None = Non
             raise SlmError(f"{shape_file}: expected a JSON object of shape fields ({', '.join(sorted(names))})")
         unknown = sorted(set(data) - names)
         if unknown:
-            raise SlmError(f"{shape_file}: unknown shape field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise SlmError(f"{shape_file}: unknown shape field(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(names))}")
         base = dict(asdict(PRESETS[preset]) if preset else {}, **data)
         missing = sorted(names - set(base) - {"max_len", "rope_theta", "norm_eps"})
         if missing:

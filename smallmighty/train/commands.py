@@ -107,6 +107,9 @@ def register_pretrain(subparsers) -> None:
                             "(default: auto)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the forward and loss (default: off)")
+    speed.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
+                       help="attention kernel while training: eager (matrix products; fastest at short "
+                            "sequences on CPUs) or sdpa (default: eager)")
     sub.set_defaults(handler=run_pretrain, subparser=sub)
 
 
@@ -125,7 +128,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
                                     eval_every=args.eval_every)
     settings = PretrainConfig(seq_len=args.seq_len, text_field=args.text_field, val_fraction=args.val_fraction,
                               val_data=args.val_data, max_val_rows=args.max_val_rows, vocab_size=args.vocab_size,
-                              precision=args.precision, compile=args.compile)
+                              precision=args.precision, compile=args.compile, attention=args.attention)
     result = pretrain(args.data, args.out, shape=shape, tokenizer=args.tokenizer, config=config, settings=settings,
                       resume=args.resume)
     if result.best:

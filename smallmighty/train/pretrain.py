@@ -46,6 +46,7 @@ class PretrainConfig:
     vocab_size: int = 8192  # of the tokenizer trained when none is given
     precision: str = "auto"  # "auto" (bf16 where the CPU has it), "bf16" or "fp32"
     compile: bool = False  # torch.compile the forward and loss
+    attention: str = "eager"  # transformers attention implementation used while training
 
 
 def corpus_tokenizer(data: str | Path, vocab_size: int, text_field: str = "text"):
@@ -80,7 +81,7 @@ def pretrain(data: str | Path, out_dir: str | Path, *, shape: DecoderShape | Non
     validation = corpus.validation[: settings.max_val_rows or None]
     model = build_decoder(shape, tok, seed=config.seed)
     collate = CausalLMCollator(tok.pad_token_id)
-    objective = CausalLMObjective(model, precision=precision, compile=settings.compile)
+    objective = CausalLMObjective(model, precision=precision, compile=settings.compile, attention=settings.attention)
     ckpt = checkpoint_dir_for(out_dir)
     params = count_parameters(model)
     if is_main_process():
@@ -90,6 +91,7 @@ def pretrain(data: str | Path, out_dir: str | Path, *, shape: DecoderShape | Non
                    desc="pretrain", evaluate=perplexity_evaluator(validation, collate, config.batch_size),
                    select="val_loss", higher_is_better=False, tokens_per_example=settings.seq_len)
     if is_main_process():
+        result.module.model.set_attn_implementation("sdpa")  # the inference default
         save_decoder(result.module.model, tok, out_dir, meta={
             "recipe": "pretrain", "data": str(data), "params": params, "shape": asdict(shape),
             "train_tokens_per_epoch": corpus.train_tokens, "train": asdict(config), "settings": asdict(settings),

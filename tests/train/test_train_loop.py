@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import free_port, subprocess_env
+
 from smallmighty.data.classification import load_labelled_splits
 from smallmighty.errors import SlmError
 from smallmighty.models.encoder import load_encoder_classifier
@@ -21,26 +22,11 @@ from smallmighty.train.batching import Collator, encode_texts, make_examples
 from smallmighty.train.finetune import ClassificationObjective, finetune_classifier
 from smallmighty.train.loop import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (tests of several checkouts may run at once)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _finetune_cmd(encoder: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "smallmighty.cli", "finetune", "--model", str(encoder), "--data", str(data),
             "--out", str(out), "--epochs", "3", "--batch-size", "8", "--lr", "1e-3", "--max-length", "16",
             "--checkpoint-every", "2", *extra]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_finetune_learns_the_task(tiny_encoder_dir, topic_data_dir, tmp_path):
@@ -57,11 +43,11 @@ def test_finetune_learns_the_task(tiny_encoder_dir, topic_data_dir, tmp_path):
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_data_dir, tmp_path):
     straight = tmp_path / "straight"
-    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, straight), check=True, env=_env(),
+    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, straight), check=True, env=subprocess_env(),
                    capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed), env=_env(),
+    proc = subprocess.Popen(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed), env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed.with_name("killed.checkpoint") / "state.json"
     deadline = time.time() + 120
@@ -76,8 +62,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_
     step_at_kill = json.loads(state.read_text())["global_step"]
     assert 0 < step_at_kill < 90
 
-    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True, env=_env(),
-                   capture_output=True)
+    subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True,
+                   env=subprocess_env(), capture_output=True)
     a = load_file(straight / "model.safetensors")
     b = load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
@@ -125,7 +111,7 @@ with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), 
     json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(),
                "sq": flat.double().pow(2).sum().item(), "first": flat[:5].tolist()}}, f)
 """)
-    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
                             timeout=300)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,22 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import free_port, subprocess_env
+
 from smallmighty.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Once upon a time, there was a little"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -81,7 +69,8 @@ def test_engine_and_transformers_give_the_same_greedy_tokens(pretrained, precisi
 
 def test_slm_generate_runs_the_pretrained_model(pretrained):
     result = subprocess.run([sys.executable, "-m", "smallmighty.cli", "generate", "--model", str(pretrained),
-                             "--raw", "--max-new-tokens", "8", PROMPT], env=_env(), capture_output=True, text=True)
+                             "--raw", "--max-new-tokens", "8", PROMPT], env=subprocess_env(), capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "8 tokens" in result.stderr
 
@@ -90,10 +79,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stories, tmp_path):
     cmd = [sys.executable, "-m", "smallmighty.cli"]
     extra = ("--max-steps", "40", "--checkpoint-every", "2", "--eval-every", "10", "--precision", "bf16")
     straight = tmp_path / "straight"
-    subprocess.run(cmd + _args(stories, straight, *extra), check=True, env=_env(), capture_output=True)
+    subprocess.run(cmd + _args(stories, straight, *extra), check=True, env=subprocess_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + _args(stories, killed, *extra), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd + _args(stories, killed, *extra), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     state = killed.with_name("killed.checkpoint") / "state.json"
     deadline = time.time() + 180
@@ -107,7 +96,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stories, tmp_path):
     step_at_kill = json.loads(state.read_text())["global_step"]
     assert 10 < step_at_kill < 40 and not killed.exists()
 
-    subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=_env(), capture_output=True)
+    subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=subprocess_env(),
+                   capture_output=True)
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -134,7 +124,7 @@ with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), 
     json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(),
                "sq": flat.double().pow(2).sum().item(), "history": result.history}}, f)
 """)
-    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
                             timeout=300)

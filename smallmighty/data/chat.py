@@ -50,11 +50,16 @@ IGNORE = -100
 
 @dataclass
 class Conversation:
-    """Messages `[{"role", "content"}]` and where they were read (for error messages)."""
+    """Messages `[{"role", "content"}]` and where they were read (for error messages).
+
+    `open_end`: the last answer was cut off (a teacher that hit its token limit), so its text is
+    learned but not the end-of-turn marker after it: the model must not learn to stop mid-sentence.
+    """
 
     messages: list[dict[str, str]]
     file: str
     line: int
+    open_end: bool = False
 
 
 @dataclass
@@ -225,8 +230,8 @@ def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_pro
         raise DataError(f"the model's chat template refuses this conversation: {err}", file=file, line=line) from None
 
 
-def tokenize_with_mask(tokenizer: Any, messages: list[dict[str, str]],
-                       where: tuple[str, int] | None = None) -> tuple[list[int], list[bool]]:
+def tokenize_with_mask(tokenizer: Any, messages: list[dict[str, str]], where: tuple[str, int] | None = None,
+                       open_end: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether the loss covers it.
 
     Works for any template that renders a conversation prefix by prefix (every template we know):
@@ -234,7 +239,8 @@ def tokenize_with_mask(tokenizer: Any, messages: list[dict[str, str]],
     the generation prompt, so it covers the answer and the end-of-turn marker (which the model must
     learn, to stop) but not the `<|im_start|>assistant` header given at inference. Character spans
     map to tokens through the tokenizer's offsets, so the ids are exactly those of tokenizing the
-    whole text at once, as inference does.
+    whole text at once, as inference does. With `open_end`, the last answer's span stops where its
+    text does (see `Conversation.open_end`).
     """
     full = render(tokenizer, messages, add_generation_prompt=False, where=where)
     spans = []
@@ -247,6 +253,11 @@ def tokenize_with_mask(tokenizer: Any, messages: list[dict[str, str]],
             raise SlmError("this chat template renders earlier turns differently once later ones follow, so "
                            "assistant tokens cannot be located; fine-tune with a prefix-stable template")
         spans.append((len(before), len(through)))
+    if open_end and spans:
+        start, end = spans[-1]
+        text = messages[-1]["content"].strip()
+        found = full.rfind(text, start, end)
+        spans[-1] = (start, found + len(text) if text and found >= 0 else end)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [any(a < end and b > start for start, end in spans) for a, b in encoded["offset_mapping"]]
     return list(encoded["input_ids"]), mask
@@ -257,7 +268,7 @@ def encode_conversations(tokenizer: Any, data: ChatData, max_length: int, *, str
     `IGNORE` elsewhere. Conversations over `max_length` tokens are skipped and counted in `data`."""
     examples = []
     for conv in data.conversations:
-        ids, mask = tokenize_with_mask(tokenizer, conv.messages, (conv.file, conv.line))
+        ids, mask = tokenize_with_mask(tokenizer, conv.messages, (conv.file, conv.line), conv.open_end)
         if len(ids) > max_length:
             data.skip(TOO_LONG, conv.file, conv.line, strict)
             continue
@@ -290,3 +301,17 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     return [{"input_ids": [t for e in row for t in e["input_ids"]],
              "labels": [t for e in row for t in e["labels"]],
              "position_ids": [p for e in row for p in range(len(e["input_ids"]))]} for row in rows]
+
+
+def prompts_of(data: ChatData) -> list[list[dict[str, str]]]:
+    """Each conversation without its last answer, duplicates dropped (first kept, file order): the
+    prompts a teacher answers when a student learns from its answers instead of the data's own."""
+    seen: set[str] = set()
+    prompts = []
+    for conv in data.conversations:
+        prompt = conv.messages[:-1]
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(prompt)
+    return prompts

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=100, help="held-out test prompts (default: 100)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--teacher-system", default=None, help="system prompt the teacher alone sees")
+    parser.add_argument("--teacher-chat-template", type=Path, default=None,
+                        help="jinja template for a teacher without one (recipes/chat_templates/gemma.jinja)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="packed rows per step")
     parser.add_argument("--max-length", type=int, default=512)
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     train, val, test = split_prompts(args.data, args.train, args.val, args.test, args.seed)
     print(f"prompts: {len(train)} train / {len(val)} validation / {len(test)} test from {args.data}")
-    teacher_settings = TeacherSettings(max_new_tokens=args.max_new_tokens, system_prompt=args.teacher_system)
+    teacher_settings = TeacherSettings(max_new_tokens=args.max_new_tokens, system_prompt=args.teacher_system,
+                                       chat_template=args.teacher_chat_template.read_text()
+                                       if args.teacher_chat_template else None)
     rows = {}
     for row in args.rows.split(","):
         lora = LoraSettings(rank=args.rank, alpha=args.alpha) if row == "lora" else None

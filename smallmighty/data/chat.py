@@ -315,3 +315,14 @@ def prompts_of(data: ChatData) -> list[list[dict[str, str]]]:
             seen.add(key)
             prompts.append(prompt)
     return prompts
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """The special token the chat template closes an assistant turn with (`<|im_end|>`, `<end_of_turn>`...),
+    as a set of at most one id: a model may name only its end-of-text token as EOS, yet a chat turn
+    ends at this one."""
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    text = render(tokenizer, probe, add_generation_prompt=False)
+    ids = tokenizer(text[text.rindex("y") + 1:], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return {ids[0]} if ids and ids[0] in special else set()

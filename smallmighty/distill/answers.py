@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from smallmighty.cache import content_fingerprint
-from smallmighty.data.chat import ChatData, Conversation
+from smallmighty.data.chat import ChatData, Conversation, end_of_turn_ids
 from smallmighty.errors import DataError, SlmError
 from smallmighty.io import atomic_path
 
@@ -49,6 +49,8 @@ class TeacherSettings:
     seed: int = 0
     batch_size: int = 16
     system_prompt: str | None = None
+    #: A jinja chat template to use instead of the teacher's own (a base model may ship none).
+    chat_template: str | None = None
 
 
 @dataclass
@@ -174,6 +176,8 @@ def _engine_generator(model_dir: Path, prompts: list[list[dict[str, str]]], sett
     from smallmighty.engine.sampling import GenerationSettings
 
     engine = Engine.from_pretrained(model_dir, precision=settings.precision)
+    if settings.chat_template:
+        engine.chat_template = settings.chat_template
     generation = GenerationSettings(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                     top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
                                     seed=settings.seed)
@@ -197,13 +201,16 @@ def _transformers_generator(model_dir: Path, prompts: list[list[dict[str, str]]]
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = settings.chat_template or tokenizer.chat_template
     if not tokenizer.chat_template:
-        raise SlmError(f"the teacher {model_dir} has no chat template to put the prompts in")
+        raise SlmError(f"the teacher {model_dir} has no chat template to put the prompts in; give one "
+                       "(a jinja file, e.g. recipes/chat_templates/gemma.jinja)")
     texts = [tokenizer.apply_chat_template(_with_system(m, settings.system_prompt), tokenize=False,
                                            add_generation_prompt=True) for m in prompts]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-              else [model.generation_config.eos_token_id]) | {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    eos = set(configured if isinstance(configured, list) else [configured]) | {tokenizer.eos_token_id}
+    eos = (eos | end_of_turn_ids(tokenizer)) - {None}
     torch.manual_seed(settings.seed)
     for batch in tqdm(_batches(prompts, [len(i) for i in ids], settings.batch_size), desc="teacher answers",
                       unit="batch", leave=False):
@@ -212,7 +219,7 @@ def _transformers_generator(model_dir: Path, prompts: list[list[dict[str, str]]]
             if settings.temperature > 0 else {"do_sample": False}
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 repetition_penalty=settings.repetition_penalty, **sampling)
+                                 eos_token_id=sorted(eos), repetition_penalty=settings.repetition_penalty, **sampling)
         for row, i in enumerate(batch):
             new = out[row, enc["input_ids"].shape[1]:].tolist()
             ends = [p for p, t in enumerate(new) if t in eos]

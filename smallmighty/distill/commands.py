@@ -54,6 +54,9 @@ def register(subparsers) -> None:
                          help="system prompt only the teacher sees, e.g. asking for careful step-by-step answers; "
                               "the student's training data leaves it out (Orca 2's prompt erasure)")
     answers.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens (default: 128)")
+    answers.add_argument("--teacher-chat-template", default=None, metavar="FILE",
+                         help="a jinja chat template for a teacher that has none (a base model), e.g. "
+                              "recipes/chat_templates/gemma.jinja")
     answers.add_argument("--teacher-precision", choices=["fp32", "int8", "int4"], default="int8",
                          help="the teacher's weights in our engine (default: int8)")
     add_chat_tuning_arguments(sub)
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
 def run_answers(args: argparse.Namespace) -> int:
     """`--method answers`: split the prompts of --data, then `distill.from_answers.learn_from_answers`."""
     import random
+    from pathlib import Path
 
     from smallmighty.data.chat import load_chat, prompts_of
     from smallmighty.distill.answers import TeacherSettings
@@ -152,8 +156,14 @@ def run_answers(args: argparse.Namespace) -> int:
     max_length = 512 if args.max_length == parser.get_default("max_length") else args.max_length
     config = train_config_from_args(args)
     config.epochs, config.lr, config.schedule = epochs, lr, "cosine"
+    template = None
+    if args.teacher_chat_template:
+        try:
+            template = Path(args.teacher_chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SlmError(f"--teacher-chat-template: {exc}") from exc
     settings = TeacherSettings(precision=args.teacher_precision, max_new_tokens=args.max_new_tokens,
-                               seed=args.seed, system_prompt=args.teacher_system)
+                               seed=args.seed, system_prompt=args.teacher_system, chat_template=template)
     card = learn_from_answers(args.teacher, args.student, train, test, args.out, teacher_settings=settings,
                               config=config, lora=lora, max_length=max_length, validation_prompts=val,
                               resume=args.resume)

@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from smallmighty.data.chat import load_chat, prompts_of
+from smallmighty.data.chat import ChatData, load_chat, prompts_of
 from smallmighty.distill.answers import TeacherSettings
 from smallmighty.distill.from_answers import learn_from_answers
 from smallmighty.models.lora import LoraSettings
@@ -40,6 +40,26 @@ def split_prompts(path: Path, n_train: int, n_val: int, n_test: int, seed: int) 
     if n_train + n_val + n_test > len(prompts):
         raise SystemExit(f"{path} has {len(prompts)} distinct prompts, fewer than {n_train + n_val + n_test}")
     return prompts[n_test + n_val:n_test + n_val + n_train], prompts[n_test:n_test + n_val], prompts[:n_test]
+
+
+def warm_up(student: str, data_path: Path, held_out: list, out: Path, epochs: int, lr: float, seed: int) -> str:
+    """The student's first lessons: full fine-tuning on the human-written replies of `data_path`
+    (conversations that open with a held-out prompt left out), so that the student talks before the
+    teacher teaches it. Reused when `out` already holds it."""
+    from smallmighty.train.chat import finetune_chat
+
+    if (out / "config.json").is_file():
+        print(f"warm-up: reusing {out}")
+        return str(out)
+    data = load_chat(data_path)
+    unseen = {json.dumps(p) for p in held_out}
+    kept = [c for c in data.conversations if json.dumps(c.messages[:1]) not in unseen]
+    print(f"warm-up: the student learns {len(kept)} human-written conversations of {data_path} "
+          f"({len(data) - len(kept)} that open with a held-out prompt left out)")
+    config = TrainConfig(epochs=epochs, batch_size=8, lr=lr, seed=seed, schedule="cosine", warmup_ratio=0.05,
+                         checkpoint_every=0)
+    finetune_chat(student, ChatData(kept, data.source, data.skipped, data.first_skipped), out, config=config)
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--rows", default="lora,full", help="which tunings to run (default: lora,full)")
+    parser.add_argument("--warm-up-data", type=Path, default=None,
+                        help="chat data the student is first tuned on (human replies), before the teacher teaches "
+                             "it, e.g. ChatterBot's conversations.jsonl (default: none)")
+    parser.add_argument("--warm-up-epochs", type=int, default=1)
+    parser.add_argument("--warm-up-lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 32/8/16 prompts, 1 epoch, 32 new tokens")
     args = parser.parse_args(argv)
@@ -72,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     train, val, test = split_prompts(args.data, args.train, args.val, args.test, args.seed)
     print(f"prompts: {len(train)} train / {len(val)} validation / {len(test)} test from {args.data}")
+    student, warm_s = args.student, 0.0
+    if args.warm_up_data:
+        start = time.perf_counter()
+        student = warm_up(args.student, args.warm_up_data, val + test, args.out / "student-warm",
+                          args.warm_up_epochs, args.warm_up_lr, args.seed)
+        warm_s = time.perf_counter() - start
     teacher_settings = TeacherSettings(max_new_tokens=args.max_new_tokens, system_prompt=args.teacher_system,
                                        chat_template=args.teacher_chat_template.read_text()
                                        if args.teacher_chat_template else None)
@@ -80,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         lora = LoraSettings(rank=args.rank, alpha=args.alpha) if row == "lora" else None
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, schedule="cosine",
                              lr=args.lora_lr if lora else args.full_lr, warmup_ratio=0.05, checkpoint_every=0)
-        card = learn_from_answers(args.teacher, args.student, train, test, args.out / row,
+        card = learn_from_answers(args.teacher, student, train, test, args.out / row,
                                   teacher_settings=teacher_settings, config=config, lora=lora,
                                   max_length=args.max_length, validation_prompts=val, answers_dir=args.out,
                                   title=f"Learning from a teacher's answers ({row})")
@@ -93,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     first = rows[args.rows.split(",")[0]]
     figures = {
         "teacher": str(args.teacher or "SmolLM2-135M-Instruct"), "student": args.student,
+        "warm_up_data": str(args.warm_up_data) if args.warm_up_data else None, "warm_up_seconds": round(warm_s, 1),
         "teacher_params": first["teacher"]["params"], "student_params": first["before"]["params"],
         "train_prompts": len(train), "val_prompts": len(val), "test_prompts": len(test),
         "rouge_l_before": round(first["before"]["rouge_l"], 4), "answer_ppl_before": round(first["before"]["answer_ppl"], 3),
@@ -102,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         figures.update({f"rouge_l_after{suffix}": round(r["after"]["rouge_l"], 4),
                         f"answer_ppl_after{suffix}": round(r["after"]["answer_ppl"], 3),
                         f"tune_seconds{suffix}": round(r["tune_s"], 1)})
-    figures["rouge_l_ratio"] = round(figures["rouge_l_after"] / max(figures["rouge_l_before"], 1e-9), 3)
-    figures["answer_ppl_ratio"] = round(figures["answer_ppl_after"] / figures["answer_ppl_before"], 3)
+    figures["rouge_l_ratio"] = float(f"{figures['rouge_l_after'] / max(figures['rouge_l_before'], 1e-9):.4g}")
+    figures["answer_ppl_ratio"] = float(f"{figures['answer_ppl_after'] / figures['answer_ppl_before']:.4g}")
     figures["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures))
     return 0

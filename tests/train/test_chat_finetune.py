@@ -116,3 +116,22 @@ def test_bad_chat_data_stops_with_one_line(base, tmp_path, capsys) -> None:
     assert main(["finetune", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {bad}, line 1, field 'messages[0].role': unknown role 'robot' "
                                                "(expected one of: assistant, system, user)")
+
+
+def test_lora_finetune_runs_on_two_processes_under_torchrun(base, chats, tmp_path) -> None:
+    """ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m smallmighty.cli finetune ...: one merged model saved."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "smallmighty.cli", "finetune", "--model", str(base), "--data", str(chats),
+                             "--lora", "--max-steps", "2", "--batch-size", "2", "--out", str(out)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved the fine-tuned model") == 2  # both ranks finish; rank 0 writes
+    assert json.loads((out / "smallmighty.json").read_text())["method"] == "lora"
+    assert not list(tmp_path.glob("ddp.checkpoint"))

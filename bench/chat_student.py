@@ -2,14 +2,18 @@
 (Orca 2's recipe, on a CPU).
 
 The teacher (SmolLM2-135M-Instruct by default) answers prompts of the ChatterBot corpus with our
-engine (int8, batched, greedy). The prompts are the corpus's distinct first user turns, shuffled
+engine (int8, batched, greedy; a teacher the engine cannot run answers through transformers). The prompts are the corpus's distinct first user turns, shuffled
 with a fixed seed and split once: held-out test prompts, validation prompts (they choose the
 weights kept during tuning) and training prompts. A student with at most half the teacher's
 parameters is tuned on the training prompts and the teacher's answers twice, with LoRA and fully;
 before and after, it answers the test prompts greedily and is scored against the teacher's answers
-(ROUGE-L) and on them (perplexity of the answer tokens).
+(ROUGE-L) and on them (perplexity of the answer tokens). With --warm-up-data, the student is first
+tuned on human-written conversations (those opening with a held-out prompt left out), so that
+"before" is a student that already chats rather than a freshly cut one.
 
     python bench/chat_student.py --student runs/student-cut          # a student folder
+    python bench/chat_student.py --student runs/student-cut \
+        --warm-up-data ../shared/datasets/chatterbot_corpus_en/conversations.jsonl
     python bench/chat_student.py --teacher path/to/gemma-3-270m.gguf --student <SmolLM2 folder or GGUF>
     python bench/chat_student.py --quick ...                        # a smoke run
 
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         figures.update({f"rouge_l_after{suffix}": round(r["after"]["rouge_l"], 4),
                         f"answer_ppl_after{suffix}": round(r["after"]["answer_ppl"], 3),
                         f"tune_seconds{suffix}": round(r["tune_s"], 1)})
-    figures["rouge_l_ratio"] = float(f"{figures['rouge_l_after'] / max(figures['rouge_l_before'], 1e-9):.4g}")
+    before = figures["rouge_l_before"]
+    figures["rouge_l_ratio"] = float(f"{figures['rouge_l_after'] / before:.4g}") if before else None
     figures["answer_ppl_ratio"] = float(f"{figures['answer_ppl_after'] / figures['answer_ppl_before']:.4g}")
     figures["total_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures))

@@ -30,6 +30,7 @@ from smallmighty.cache import content_fingerprint
 from smallmighty.data.chat import ChatData, Conversation, end_of_turn_ids
 from smallmighty.errors import DataError, SlmError
 from smallmighty.io import atomic_path
+from smallmighty.train.loop import is_main_process, wait_for_everyone
 
 #: A system prompt in the spirit of Orca 2's "cautious reasoning" instructions.
 CAREFUL_SYSTEM_PROMPT = ("You are a careful assistant. Think the question through step by step, then give a "
@@ -84,18 +85,23 @@ def teacher_answers(teacher: str | None, prompts: list[list[dict[str, str]]], ca
     header = {"teacher": str(teacher or model_dir), "fingerprint": teacher_fingerprint(model_dir),
               "backend": _backend(model_dir), "settings": asdict(settings)}
     cache_path = Path(cache_path)
-    known = _read_cache(cache_path, header)
-    missing = [m for m in prompts if _key(m) not in known]
-    if missing:
-        print(f"teacher {header['teacher']} answers {len(missing)} prompts ({header['backend']}, "
-              f"{settings.precision if header['backend'] == 'engine' else 'fp32'}, batches of {settings.batch_size}); "
-              f"{len(prompts) - len(missing)} come from {cache_path}", file=sys.stderr)
-        generate = _engine_generator if header["backend"] == "engine" else _transformers_generator
-        with open(cache_path, "a", encoding="utf-8") as out:
-            for answer in generate(model_dir, missing, settings):
-                known[_key(answer.messages)] = answer
-                out.write(json.dumps(asdict(answer), ensure_ascii=False) + "\n")
-                out.flush()
+    # Under torchrun the first process answers and writes the cache; the others then read it.
+    if is_main_process():
+        known = _read_cache(cache_path, header)
+        missing = [m for m in prompts if _key(m) not in known]
+        if missing:
+            print(f"{header['teacher']} answers {len(missing)} prompts ({header['backend']}, "
+                  f"{settings.precision if header['backend'] == 'engine' else 'fp32'}, batches of "
+                  f"{settings.batch_size}); {len(prompts) - len(missing)} come from {cache_path}", file=sys.stderr)
+            generate = _engine_generator if header["backend"] == "engine" else _transformers_generator
+            with open(cache_path, "a", encoding="utf-8") as out:
+                for answer in generate(model_dir, missing, settings):
+                    known[_key(answer.messages)] = answer
+                    out.write(json.dumps(asdict(answer), ensure_ascii=False) + "\n")
+                    out.flush()
+    wait_for_everyone()
+    if not is_main_process():
+        known = _read_cache(cache_path, header)
     return [known[_key(m)] for m in prompts]
 
 

@@ -22,7 +22,7 @@ from smallmighty.distill.answers import Answer, TeacherSettings, answers_as_chat
 from smallmighty.evaluate.answers import answers_card, write_answers_report
 from smallmighty.models.lora import LoraSettings
 from smallmighty.train.chat import answer_perplexity, finetune_chat
-from smallmighty.train.loop import TrainConfig
+from smallmighty.train.loop import TrainConfig, is_main_process
 
 Prompt = list[dict[str, str]]
 
@@ -116,5 +116,6 @@ def learn_from_answers(teacher: str | None, student: str | None, train_prompts: 
                   "student_settings": asdict(student_settings), "train": asdict(config),
                   "lora": lora.as_dict() if lora else None, "max_length": max_length, "timings_s": timings},
         hardware=hardware_info())
-    write_answers_report(out_dir, card)
+    if is_main_process():
+        write_answers_report(out_dir, card)
     return card

@@ -35,9 +35,6 @@ _HUB_PATTERNS = ["*.json", "*.jinja", "model*.safetensors"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: Written into each converted folder so a reader can tell where it came from.
 _SOURCE_FILE = "smallmighty_source.json"
-#: How a model we trained was made (recipe, data, settings); the file name models.encoder uses too
-#: (not imported from there: this module stays light for the engine's cold start).
-_META_FILE = "smallmighty.json"
 
 
 def resolve_causal_lm(name_or_path: str | os.PathLike | None = None, *,
@@ -79,20 +76,6 @@ def load_hf_causal_lm(name_or_path: str | os.PathLike | None = None) -> tuple[An
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(directory)
-
-
-def save_causal_lm(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, meta: dict | None = None) -> Path:
-    """Save a transformers causal LM with its tokenizer as a plain HF folder, atomically replacing
-    `out_dir`, configs made self-contained for every reader (see `_tidy_configs`); `meta` goes to
-    smallmighty.json (how the model was made)."""
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _tidy_configs(tmp, max_len=getattr(model.config, "max_position_embeddings", None))
-        if meta is not None:
-            (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return out_dir
 
 
 def _check_hf_dir(directory: Path) -> Path:

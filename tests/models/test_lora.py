@@ -7,7 +7,7 @@ import torch
 from tiny_llama import write_tiny_llama
 
 from smallmighty.errors import SlmError
-from smallmighty.models.causal_lm import save_causal_lm
+from smallmighty.models.decoder import save_decoder
 from smallmighty.models.lora import LoraSettings, add_lora, merge_lora, trainable_parameters
 
 
@@ -59,7 +59,7 @@ def test_merged_model_gives_the_adapted_logits_and_saves_as_a_plain_folder(tiny,
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)  # ...and merging keeps them exactly
     assert not any("lora" in n for n, _ in merged_model.named_parameters())
 
-    out = save_causal_lm(merged_model, tokenizer, tmp_path / "merged", meta={"recipe": "test"})
+    out = save_decoder(merged_model, tokenizer, tmp_path / "merged", meta={"recipe": "test"})
     assert not list(out.glob("adapter_*")) and (out / "smallmighty.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

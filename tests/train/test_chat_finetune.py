@@ -15,7 +15,7 @@ from tiny_llama import write_tiny_llama
 
 from smallmighty.cli import main
 from smallmighty.data.chat import load_chat
-from smallmighty.train import chat as chat_module
+from smallmighty.train.causal_lm import CausalLMObjective
 from smallmighty.train.chat import finetune_chat
 from smallmighty.train.loop import TrainConfig
 
@@ -81,7 +81,7 @@ def test_full_finetune_resumes_after_a_kill_exactly(base, chats, tmp_path, monke
     whole = finetune_chat(str(base), load_chat(chats), tmp_path / "whole", config=config, pack=False)
 
     calls = {"n": 0}
-    real = chat_module.CausalLMObjective.forward
+    real = CausalLMObjective.forward
 
     def dies_at_step_3(self, batch):
         calls["n"] += 1
@@ -89,11 +89,11 @@ def test_full_finetune_resumes_after_a_kill_exactly(base, chats, tmp_path, monke
             raise KeyboardInterrupt
         return real(self, batch)
 
-    monkeypatch.setattr(chat_module.CausalLMObjective, "forward", dies_at_step_3)
+    monkeypatch.setattr(CausalLMObjective, "forward", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         finetune_chat(str(base), load_chat(chats), tmp_path / "resumed", config=config, pack=False)
     assert (tmp_path / "resumed.checkpoint" / "state.json").is_file()
-    monkeypatch.setattr(chat_module.CausalLMObjective, "forward", real)
+    monkeypatch.setattr(CausalLMObjective, "forward", real)
     resumed = finetune_chat(str(base), load_chat(chats), tmp_path / "resumed", config=config, pack=False, resume=True)
     from safetensors.torch import load_file
 
@@ -101,13 +101,13 @@ def test_full_finetune_resumes_after_a_kill_exactly(base, chats, tmp_path, monke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_keeps_the_best_weights_by_answer_perplexity(base, chats, tmp_path) -> None:
+def test_validation_keeps_the_best_weights_by_perplexity_on_held_out_answers(base, chats, tmp_path) -> None:
     code = main(["finetune", "--model", str(base), "--data", str(chats), "--validation-data", str(chats),
                  "--epochs", "2", "--lr", "0.001", "--batch-size", "4", "--out", str(tmp_path / "out")])
     assert code == 0
     meta = json.loads((tmp_path / "out" / "smallmighty.json").read_text())
     assert meta["method"] == "full" and len(meta["history"]) == 2
-    assert meta["best"]["answer_ppl"] == min(h["answer_ppl"] for h in meta["history"])
+    assert meta["best"]["val_ppl"] == min(h["val_ppl"] for h in meta["history"])
 
 
 def test_bad_chat_data_stops_with_one_line(base, tmp_path, capsys) -> None:

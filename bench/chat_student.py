@@ -2,9 +2,10 @@
 (Orca 2's recipe, on a CPU).
 
 The teacher (SmolLM2-135M-Instruct by default) answers prompts of the ChatterBot corpus with our
-engine (int8, batched, greedy; a teacher the engine cannot run answers through transformers). The prompts are the corpus's distinct first user turns, shuffled
-with a fixed seed and split once: held-out test prompts, validation prompts (they choose the
-weights kept during tuning) and training prompts. A student with at most half the teacher's
+engine (int8, batched, greedy; a teacher the engine cannot run answers through transformers). The
+prompts are the corpus's distinct first user turns, shuffled with a fixed seed and split once:
+held-out test prompts, validation prompts (they choose the weights kept during tuning) and training
+prompts. A student with at most half the teacher's
 parameters is tuned on the training prompts and the teacher's answers twice, with LoRA and fully;
 before and after, it answers the test prompts greedily and is scored against the teacher's answers
 (ROUGE-L) and on them (perplexity of the answer tokens). With --warm-up-data, the student is first
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "warm_up_data": str(args.warm_up_data) if args.warm_up_data else None, "warm_up_seconds": round(warm_s, 1),
         "teacher_params": first["teacher"]["params"], "student_params": first["before"]["params"],
         "train_prompts": len(train), "val_prompts": len(val), "test_prompts": len(test),
-        "rouge_l_before": round(first["before"]["rouge_l"], 4), "answer_ppl_before": round(first["before"]["answer_ppl"], 3),
+        "rouge_l_before": round(first["before"]["rouge_l"], 4),
+        "answer_ppl_before": round(first["before"]["answer_ppl"], 3),
     }
     for name, r in rows.items():
         suffix = "" if r is first else f"_{name}"

@@ -83,8 +83,8 @@ class ChatData:
 
     def skip_report(self) -> str:
         """One line per reason, e.g. 'skipped 43 conversations ending on a user turn (first: f, line 7)'."""
-        return "\n".join(f"skipped {n} conversation{'s' if n > 1 else ''} {reason} (first: {self.first_skipped[reason]})"
-                          for reason, n in sorted(self.skipped.items()))
+        return "\n".join(f"skipped {n} conversation{'s' if n > 1 else ''} {reason} "
+                         f"(first: {self.first_skipped[reason]})" for reason, n in sorted(self.skipped.items()))
 
 
 def load_chat(path: str | Path, *, strict: bool = False) -> ChatData:

@@ -20,6 +20,7 @@ from typing import Any
 from smallmighty.data.chat import encode_conversations
 from smallmighty.distill.answers import Answer, TeacherSettings, answers_as_chat, teacher_answers
 from smallmighty.evaluate.answers import answers_card, write_answers_report
+from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm
 from smallmighty.models.lora import LoraSettings
 from smallmighty.train.chat import answer_perplexity, finetune_chat
 from smallmighty.train.loop import TrainConfig, is_main_process
@@ -47,8 +48,6 @@ def score_student(model: str | Path | None, prompts: list[Prompt], references: l
                   settings: TeacherSettings, max_length: int) -> dict[str, Any]:
     """The model's greedy answers to `prompts` (cached like the teacher's) and its perplexity on the
     reference answers' tokens."""
-    from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm
-
     directory = resolve_causal_lm(model)
     answers = teacher_answers(str(directory), prompts, cache_path, settings)
     hf_model, tokenizer = load_hf_causal_lm(directory)
@@ -102,8 +101,6 @@ def learn_from_answers(teacher: str | None, student: str | None, train_prompts: 
     after = score_student(tuned, test_prompts, test_answers, out_dir / "student_answers.jsonl", student_settings,
                           max_length)
     timings["score_after_s"] = time.perf_counter() - start
-    from smallmighty.models.causal_lm import resolve_causal_lm
-
     method = "LoRA" if lora else "full"
     card = answers_card(
         title=title or "Learning from a teacher's answers",

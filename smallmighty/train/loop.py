@@ -109,6 +109,13 @@ def is_main_process() -> bool:
     return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
+def wait_for_everyone() -> None:
+    """Block until every process of a distributed run gets here (returns at once in one process)."""
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
 def _accelerator(grad_accum: int):
     from accelerate import Accelerator, DistributedDataParallelKwargs
 

@@ -29,9 +29,10 @@ def check_classifier_dir(model_dir: str | Path, fmt: str) -> Path:
         raise SlmError(f"{path}: not a saved model folder (config.json is missing)")
     architectures = read_json(config).get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        hint = " (a causal language model: export it with --format gguf)" if any(
-            a.endswith("ForCausalLM") for a in architectures) else ""
-        raise SlmError(f"{path} is not a sequence classifier (architectures: {architectures}){hint}; "
+        if any(a.endswith("ForCausalLM") for a in architectures):
+            raise SlmError(f"{path} is a causal language model; --format {fmt} exports classifiers "
+                           "(export it with --format gguf)")
+        raise SlmError(f"{path} is not a sequence classifier (architectures: {architectures}); "
                        f"--format {fmt} exports classifiers")
     if not (path / "model.safetensors").is_file():
         raise SlmError(f"{path}: model.safetensors is missing")
@@ -44,6 +45,14 @@ def label_names(model_dir: Path) -> list[str]:
     if not labels:
         raise SlmError(f"{model_dir / 'config.json'}: no id2label, so the label names are unknown")
     return [labels[i] for i in sorted(labels)]
+
+
+def max_length(model_dir: Path) -> int:
+    """Longest input the classifier takes, in tokens: its position table less any offset (MPNet's)."""
+    from smallmighty.models.bert_encoder import position_offset
+
+    config = read_json(model_dir / "config.json")
+    return config["max_position_embeddings"] - position_offset(config.get("model_type"), config.get("pad_token_id"))
 
 
 def standalone_tokenizer(model_dir: Path, max_length: int, fixed_length: int | None = None):
@@ -89,7 +98,7 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path, *, int8: 
 
     model_dir = check_classifier_dir(model_dir, "onnx")
     out = Path(out_dir)
-    forward = load_classifier_forward(model_dir)
+    forward = load_classifier_forward(model_dir)  # for the checks against torch below
     with atomic_path(out) as tmp:
         tmp.mkdir()
         export_onnx(model_dir, tmp / "model.onnx")
@@ -99,6 +108,5 @@ def export_classifier_onnx(model_dir: str | Path, out_dir: str | Path, *, int8: 
         if int8:
             quantize_onnx_int8(tmp / "model.onnx", tmp / "model.int8.onnx")
             info["int8_max_logit_diff_vs_torch"] = max_logit_diff(forward, tmp / "model.int8.onnx", threads=1)
-        longest = forward.shape.max_positions - forward.shape.position_offset
-        write_runtime_files(model_dir, tmp, max_length=longest, info=info)
+        write_runtime_files(model_dir, tmp, max_length=max_length(model_dir), info=info)
     return out

@@ -172,6 +172,9 @@ def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, *, gguf
         raise SlmError(f"GGUF type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     model_dir = resolve_causal_lm(model)
     config = read_json(model_dir / "config.json")
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        raise SlmError(f"{model_dir} is a sequence classifier; --format gguf exports causal language models "
+                       "(export classifiers with --format onnx or litert)")
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise SlmError(f"{model_dir}: model type {model_type!r} cannot be exported to GGUF "

@@ -50,12 +50,20 @@ def _litert_runner(path: Path, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    runner = interpreter.get_signature_runner()
+    # One signature per fixed length ("len16", "len32", ...), batch 1, inputs (ids, mask) as int32.
+    lengths = sorted(int(name[3:]) for name in interpreter.get_signature_list())
+    runners = {n: interpreter.get_signature_runner(f"len{n}") for n in lengths}
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        # The file holds one sequence of a fixed length (tokenizer.json pads to it): one call per text.
-        rows = [runner(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]) for i in range(len(ids))]
-        return np.concatenate([next(iter(row.values())) for row in rows])
+        rows = []
+        for row_ids, row_mask in zip(ids, mask):
+            used = int(row_mask.sum())
+            n = next(n for n in lengths if n >= used)  # the shortest that fits; padding is masked out
+            padded_ids, padded_mask = np.zeros((2, 1, n), dtype=np.int32)
+            padded_ids[0, :used], padded_mask[0, :used] = row_ids[row_mask == 1][:n], 1
+            out = runners[n](args_0=padded_ids, args_1=padded_mask)
+            rows.append(next(iter(out.values())))
+        return np.concatenate(rows)
 
     return run
 

@@ -161,6 +161,33 @@ def _add_tokenizer(writer: Any, model_dir: Path, vocab_size: int) -> None:
     special.add_to_gguf(writer, quiet=True)
 
 
+def _add_hyperparameters(writer: Any, config: dict, theta: float, rope: dict) -> None:
+    """The model's shape, norm and rope settings under llama.cpp's keys."""
+    import gguf
+
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    context = config.get("max_position_embeddings", 2048)
+    if config.get("use_sliding_window", True) and isinstance(config.get("sliding_window"), int):
+        context = min(context, config["sliding_window"])  # llama.cpp's llama arch attends to all
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    if head_dim != hidden // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(config["vocab_size"])
+
+
 def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, *, gguf_type: str = "f16") -> Path:
     """Write the causal LM `model` (anything `resolve_causal_lm` takes; None = the default SmolLM2)
     to the GGUF file `out`, atomically. Returns the path."""
@@ -191,32 +218,14 @@ def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, *, gguf
     if rope["rope_type"] not in ("default", "linear", "llama3", "dynamic"):
         raise SlmError(f"{model_dir}: rope scaling {rope['rope_type']!r} cannot be exported to GGUF "
                        "(default, linear, llama3 can)")
-    context = config.get("max_position_embeddings", 2048)
-    if config.get("use_sliding_window", True) and isinstance(config.get("sliding_window"), int):
-        context = min(context, config["sliding_window"])  # llama.cpp's llama arch attends to all
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type]
     out = Path(out)
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)  # tensors spill to disk past 256 MB
         writer.add_name(model_dir.name)
-        writer.add_context_length(context)
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(config["intermediate_size"])
-        writer.add_head_count(heads)
-        writer.add_head_count_kv(kv_heads)
-        if head_dim != hidden // heads:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(theta)
-        if rope["rope_type"] == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-        writer.add_vocab_size(vocab_size)
+        _add_hyperparameters(writer, config, theta, rope)
         writer.add_file_type(file_type)
         if gguf_type in ("q8_0", "q4_0"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_classifier import LABELS, TEXTS, write_tiny_classifier
+from tiny_classifier import LABELS, TEXTS
 
 from smallmighty.compress.classifier_export import export_classifier_onnx
 from smallmighty.compress.runtime_env import dependency_closure, minimal_python
@@ -23,11 +23,6 @@ def load_example(folder: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> Path:
-    return write_tiny_classifier(tmp_path_factory.mktemp("classifier"))
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from tiny_llama import write_tiny_llama
 
@@ -29,18 +27,12 @@ def test_gguf_export_writes_the_file(tiny, tmp_path, capsys):
     assert "llama-cli -m" in capsys.readouterr().err
 
 
-def test_wrong_model_kind_for_the_format(tiny, tmp_path, capsys):
+def test_wrong_model_kind_for_the_format(tiny, classifier_dir, tmp_path, capsys):
     err = one_line_error(capsys, ["export", str(tiny), "--format", "onnx", "--out", str(tmp_path / "o")])
     assert "is a causal language model; --format onnx exports classifiers" in err
     err = one_line_error(capsys, ["export", str(tiny), "--format", "litert", "--out", str(tmp_path / "o")])
     assert "--format litert exports classifiers" in err
-    classifier = tmp_path / "classifier"
-    classifier.mkdir()
-    for name in ("tokenizer.json", "model.safetensors"):
-        (classifier / name).write_bytes((tiny / name).read_bytes())
-    (classifier / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
-                                                        "model_type": "bert"}))
-    err = one_line_error(capsys, ["export", str(classifier), "--format", "gguf", "--out", str(tmp_path / "c.gguf")])
+    err = one_line_error(capsys, ["export", str(classifier_dir), "--format", "gguf", "--out", str(tmp_path / "c.gguf")])
     assert "is a sequence classifier; --format gguf exports causal language models" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "c.gguf").exists()
 

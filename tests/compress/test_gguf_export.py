@@ -136,19 +136,17 @@ def test_llama3_rope_factors_leave_short_wavelengths_and_divide_long_ones():
     assert np.all(np.diff(factors) >= 0)
 
 
-def test_wrong_models_are_one_clear_error(tiny, tmp_path):
-    classifier = tmp_path / "classifier"
-    classifier.mkdir()
-    for name in ("tokenizer.json", "model.safetensors"):
-        (classifier / name).write_bytes((tiny / name).read_bytes())
-    (classifier / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"],
-                                                        "model_type": "bert"}))
+def test_wrong_models_are_one_clear_error(tiny, classifier_dir, tmp_path):
     with pytest.raises(SlmError, match="is a sequence classifier; --format gguf exports causal"):
-        export_gguf(classifier, tmp_path / "x.gguf")
+        export_gguf(classifier_dir, tmp_path / "x.gguf")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("tokenizer.json", "model.safetensors"):
+        (other / name).write_bytes((tiny / name).read_bytes())
     config = json.loads((tiny / "config.json").read_text()) | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
-    (classifier / "config.json").write_text(json.dumps(config))
+    (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlmError, match="model type 'gpt2' cannot be exported"):
-        export_gguf(classifier, tmp_path / "x.gguf")
+        export_gguf(other, tmp_path / "x.gguf")
     with pytest.raises(SlmError, match="GGUF type must be one of"):
         export_gguf(tiny, tmp_path / "x.gguf", gguf_type="q2_k")
     assert not (tmp_path / "x.gguf").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_classifier import LABELS, TEXTS, write_tiny_classifier
+from tiny_classifier import LABELS, TEXTS
 
 from smallmighty.compress.litert_export import LITERT_TORCH_VERSION, export_classifier_litert, signature_lengths
 from smallmighty.engine.classifier import load_classifier
@@ -32,11 +32,6 @@ def test_signature_lengths_cover_every_length_once():
     assert signature_lengths(64) == [16, 32, 64]
     assert signature_lengths(40) == [16, 32, 40]
     assert signature_lengths(8) == [8]
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> Path:
-    return write_tiny_classifier(tmp_path_factory.mktemp("classifier"))
 
 
 @pytest.fixture(scope="module")

@@ -224,3 +224,42 @@ def test_llama_cpp_runs_the_quantized_exports_close_to_f32(tiny, tmp_path):
     scale = np.abs(logits["f32"]).max()
     for gguf_type, bound in (("f16", 0.01), ("q8_0", 0.05), ("q4_0", 0.4)):
         assert np.abs(logits[gguf_type] - logits["f32"]).max() < bound * scale, gguf_type
+
+
+@pytest.fixture(scope="module")
+def pretrained_student(tmp_path_factory) -> Path:
+    """A decoder as `slm pretrain` makes one: our byte-level BPE tokenizer and the 'tiny' preset
+    (its feed-forward width, 176, does not split into 32-wide quantization blocks)."""
+    from transformers import AutoTokenizer
+
+    from smallmighty.data.tokenizer import train_tokenizer
+    from smallmighty.models.decoder import build_decoder, decoder_shape, save_decoder
+
+    root = tmp_path_factory.mktemp("pretrained")
+    corpus = root / "corpus.txt"
+    corpus.write_text("The cat sat on the mat. The dog sat on the log. Numbers like 12345 stay.\n" * 50)
+    tokenizer = AutoTokenizer.from_pretrained(train_tokenizer(corpus, root / "tokenizer", vocab_size=300))
+    return save_decoder(build_decoder(decoder_shape("tiny"), tokenizer), tokenizer, root / "model")
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+def test_a_pretrained_student_exports(pretrained_student, tmp_path, gguf_type):
+    reader = gguf.GGUFReader(export_gguf(pretrained_student, tmp_path / "s.gguf", gguf_type=gguf_type))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    if gguf_type == "q8_0":  # rows of 176 inputs fall back to f16; the rest is q8_0
+        assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16
+        assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert fields(reader)["tokenizer.ggml.pre"] == "gpt-2"
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_a_pretrained_student_like_our_engine(pretrained_student, tmp_path):
+    from smallmighty.engine.generate import Engine
+    from smallmighty.engine.sampling import GenerationSettings
+
+    path = export_gguf(pretrained_student, tmp_path / "s.gguf", gguf_type="f32")
+    engine = Engine.from_pretrained(pretrained_student, precision="fp32")
+    engine.eos_token_ids = set()
+    prompt = engine.encode("The cat sat on")
+    ours = engine.generate([prompt], GenerationSettings(max_new_tokens=24, temperature=0.0))[0]
+    assert llama_cpp_greedy(path, prompt, 24) == ours

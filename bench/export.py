@@ -258,6 +258,7 @@ def main() -> None:
     parser.add_argument("--student", type=Path, default=None, help="a banking77 student from `slm distill`")
     parser.add_argument("--ppl-tokens", type=int, default=32768, help="wikitext-2 validation tokens scored")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-decode", action="store_true", help="leave out our decode speed (the only long timing)")
     args = parser.parse_args()
     max_texts = 500 if args.quick else None
     if args.quick:
@@ -271,7 +272,8 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="slm-bench-export-") as tmp:
         work = Path(tmp)
-        results |= decode_figures(args.repeats)
+        if not args.skip_decode:
+            results |= decode_figures(args.repeats)
         results |= classifier_figures(student, work, max_texts)
         results |= gguf_figures(work, args.ppl_tokens)
     from smallmighty.evaluate.speed import hardware_info

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "smallmighty.train.commands",
     "smallmighty.distill.commands",
     "smallmighty.evaluate.commands",
+    "smallmighty.compress.commands",
     "smallmighty.serve.commands",
 ]
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from smallmighty.data.classification import LabelledTexts
 from smallmighty.evaluate.baseline import TfidfBaseline
+from smallmighty.evaluate.cost import request_cost, standalone_profile
 from smallmighty.evaluate.speed import (
     hardware_info,
     latency_ms,
@@ -67,6 +68,8 @@ def evaluate_classifier(model_dir: str | Path, test: LabelledTexts, *, name: str
                                   for i in range(0, len(test), batch_size)])
     quality = classification_metrics(test.labels, predictions.tolist(), test.label_names)
     speed = profile_classifier(str(model_dir), runtime, test.texts[:LATENCY_ITEMS], batch_size=batch_size)
+    if runtime.startswith("onnx"):  # the same model as `slm export --format onnx` ships it, without torch
+        speed |= standalone_profile(model_dir, runtime, test.texts[0])
     meta = read_meta(model_dir)
     return {"name": name, "role": role, "runtime": runtime, "params": meta.get("params"),
             "disk_mb": disk_size_mb(runtime_file(model_dir, runtime)),
@@ -88,7 +91,8 @@ def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: 
             "disk_mb": len(pickle.dumps(baseline)) / 2**20,
             "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"],
             "latency_ms_p50": latency["p50"], "latency_ms_p95": latency["p95"],
-            "throughput_per_s": throughput, "peak_rss_mb": None, "fit_s": fit_s}
+            "throughput_per_s": throughput, "peak_rss_mb": None, "fit_s": fit_s,
+            **request_cost(lambda text: baseline.predict([text]), texts)}
 
 
 def build_card(models: list[dict], train: LabelledTexts, test: LabelledTexts, *, title: str,

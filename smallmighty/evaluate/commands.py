@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
+from smallmighty.evaluate.cost import DEFAULT_PRICE_PER_CORE_HOUR, DEFAULT_WATTS_PER_CORE
 
 EXAMPLES = """examples:
   slm eval --teacher runs/distill/teacher --model runs/distill/student --data ../shared/datasets/banking77
@@ -32,6 +33,12 @@ def register(subparsers) -> None:
     sub.add_argument("--teacher", default=None, metavar="DIR", help="the teacher classifier folder to compare with")
     add_evaluation_arguments(sub)
     sub.add_argument("--out", default="runs/eval", help="folder for report.json and report.html (default: runs/eval)")
+    cost = sub.add_argument_group("cost (CPU time is measured; these turn it into dollars and, without RAPL, energy)")
+    cost.add_argument("--price-per-core-hour", type=float, default=DEFAULT_PRICE_PER_CORE_HOUR,
+                      help=f"dollars per CPU core-hour (default: {DEFAULT_PRICE_PER_CORE_HOUR}, a cloud vCPU on demand)")
+    cost.add_argument("--watts-per-core", type=float, default=DEFAULT_WATTS_PER_CORE,
+                      help=f"watts per busy core, for the energy estimate where RAPL cannot be read "
+                           f"(default: {DEFAULT_WATTS_PER_CORE})")
     add_data_arguments(sub)
     sub.set_defaults(handler=run)
 
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_baseline,
         evaluate_classifier,
     )
+    from smallmighty.evaluate.cost import cost_assumptions
     from smallmighty.evaluate.report import publish
 
     if not args.model and not args.teacher:
@@ -61,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline:
         models.append(evaluate_baseline(train, test))
     card = build_card(models, train, test, title=f"Report card: {dataset_label(test.source)}")
+    card["cost"] = cost_assumptions(args.price_per_core_hour, args.watts_per_core)
     publish(args.out, card)
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smallmighty.errors import SlmError
+from smallmighty.evaluate.cost import cost_html, format_cost_table
 from smallmighty.io import write_json, write_text
 
 ROLES = ("teacher", "student", "baseline")
@@ -188,7 +189,8 @@ def format_table(card: dict) -> str:
     if summary["comparisons"]:
         rows = [[c["model"], c["role"], c["teacher"], *_comparison_cells(c)] for c in summary["comparisons"]]
         text += "\n\n" + _text_table(["model", "role", "vs teacher", *(c[0] for c in _COMPARISON_COLUMNS)], rows)
-    return text + "\n\n" + summary["headline"]
+    cost = format_cost_table(card)
+    return text + ("\n\n" + cost if cost else "") + "\n\n" + summary["headline"]
 
 
 # ---------------------------------------------------------------------------------------------- charts
@@ -387,7 +389,7 @@ def render_html(card: dict, summary: dict) -> str:
             f"<style>{_CSS}</style></head><body>\n<h1>{title}</h1>\n<p class=\"task\">{task_line}</p>\n"
             f'<p class="headline">{_e(summary["headline"])}</p>\n'
             f"<h2>Models</h2><p>Best value in each column in bold green. Latency is per query at batch 1; "
-            f"throughput is batched.</p>{_models_table(card['models'])}\n{comparisons}\n"
+            f"throughput is batched.</p>{_models_table(card['models'])}\n{comparisons}\n{cost_html(card)}\n"
             f"<h2>Charts</h2>{figures}\n"
             f"<h2>Hardware</h2>{_definition_list(card.get('hardware') or {})}\n"
             f"<h2>Training</h2>{_definition_list(card.get('training') or {})}\n</body></html>\n")

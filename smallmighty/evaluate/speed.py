@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from smallmighty.errors import SlmError
+from smallmighty.evaluate.cost import request_cost
 from smallmighty.io import write_text
 
 DEFAULT_LOADER = "smallmighty.engine.classifier:load_classifier"
@@ -110,7 +111,8 @@ def profile_classifier(model_dir: str, runtime: str, texts: list[str], *, batch_
                        loader: str = DEFAULT_LOADER) -> dict:
     """Load and time one classifier in a fresh subprocess; return its measurements.
 
-    Returns {"latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb", "load_s"}.
+    Returns {"latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb", "load_s",
+    "cpu_s_per_1k", "rapl_j_per_1k"} (the last two from `cost.request_cost`, batch-1 requests).
     The child uses `threads` torch threads (default: this process's torch default), so the numbers
     match what an in-process run would see. `loader` ("module:function") names the factory that
     turns (model_dir, runtime) into an object with `predict_logits(texts) -> array`.
@@ -166,8 +168,9 @@ def _measure(args: argparse.Namespace) -> dict:
         sys.modules["torch"].set_num_threads(args.threads)
     latency = latency_ms(lambda text: clf.predict_logits([text]), texts, max_items=args.max_latency_items)
     throughput = throughput_per_s(clf.predict_logits, texts, batch_size=args.batch_size)
+    cost = request_cost(lambda text: clf.predict_logits([text]), texts[:args.max_latency_items])
     return {"latency_ms_p50": latency["p50"], "latency_ms_p95": latency["p95"], "throughput_per_s": throughput,
-            "peak_rss_mb": peak_rss_mb(), "load_s": load_s}
+            "peak_rss_mb": peak_rss_mb(), "load_s": load_s, **cost}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,7 +100,10 @@ def test_profile_runs_in_a_fresh_process(tmp_path: Path, fake_loader: str) -> No
     model.mkdir()
     result = speed.profile_classifier(str(model), "torch", ["a", "b", "c"] * 10, batch_size=8,
                                       max_latency_items=20, threads=1, loader=fake_loader)
-    assert set(result) == {"latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb", "load_s"}
+    assert set(result) == {"latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb", "load_s",
+                           "cpu_s_per_1k", "rapl_j_per_1k"}
+    # 2 ms of sleep per request is wall time, not CPU time: the cost counts only the little CPU used.
+    assert 0 < result["cpu_s_per_1k"] < 1.5
     assert 2.0 <= result["latency_ms_p50"] <= result["latency_ms_p95"]
     assert 0 < result["throughput_per_s"] <= 8 / 0.002
     assert result["peak_rss_mb"] > 150  # the child's own ballast shows up in its peak

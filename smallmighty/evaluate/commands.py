@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
+from smallmighty.train.arguments import add_recipe_argument
 
 EXAMPLES = """examples:
   slm eval --teacher runs/distill/teacher --model runs/distill/student --data ../shared/datasets/banking77
   slm eval --model runs/distill/student --runtime torch --no-baseline --out runs/eval-torch
+  slm eval --recipe recipes/banking77.json --model runs/banking77/student   # data and out from a recipe
 """
 
 
@@ -33,6 +35,7 @@ def register(subparsers) -> None:
     add_evaluation_arguments(sub)
     sub.add_argument("--out", default="runs/eval", help="folder for report.json and report.html (default: runs/eval)")
     add_data_arguments(sub)
+    add_recipe_argument(sub)
     sub.set_defaults(handler=run)
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from smallmighty.errors import DataError
+from smallmighty.errors import DataError, SlmError
 
 
 @contextmanager
@@ -35,6 +35,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise SlmError naming `path` unless files can be created at it (a folder or file to be).
+
+    Why: commands check their outputs before hours of training, not after. The check creates
+    (and removes) a temporary file where the output, or its nearest existing parent, would go:
+    permission bits alone say nothing under root or on a read-only mount.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SlmError(f"cannot write {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SlmError(f"cannot write {path}: {err.strerror or err} ({folder})") from None
 
 
 _MISSING = object()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,32 @@ class _Text:
         return self.text[: len(self.text) - hold]
 
 
+@dataclass
+class GenerationStats:
+    """What one `Engine.stream` call did, filled in as it runs (for speed reports and for saying
+    why a reply ended).
+
+    Times cover the engine's own work only, not what the caller does between pieces of text, and
+    the first new token is counted with the prompt: it comes out of the prompt's pass.
+    """
+
+    prompt_tokens: int = 0
+    #: Tokens the model produced, an end-of-sequence token included.
+    new_tokens: int = 0
+    #: The prompt's pass and the choice of the first new token.
+    prefill_seconds: float = 0.0
+    #: Every later token's decode step.
+    decode_seconds: float = 0.0
+    #: "stop" (end-of-sequence token or stop string) or "length" (max_new_tokens or the context ran out).
+    finish_reason: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of decode steps (prompt time excluded); 0 with fewer than 2 tokens."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+
 class Engine:
     """Loads a model folder once and generates text from it; see the module docstring."""
 
@@ -147,7 +175,10 @@ class Engine:
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise SlmError(f"{tokenizer_file}: missing; the engine needs a tokenizers JSON file")
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # the Rust library raises plain Exceptions for any bad file
+            raise SlmError(f"{tokenizer_file}: not a valid tokenizers file ({str(err).splitlines()[0]})") from None
         tok_config = _read_json(model_dir / "tokenizer_config.json")
         template = tok_config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
@@ -197,8 +228,13 @@ class Engine:
             raise SlmError("messages must be a list of {'role': str, 'content': str} objects")
         if self._template is None:
             self._template = self._compile_template(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except SlmError:
+            raise
+        except Exception as err:  # the template is the model's code: it can raise anything
+            raise SlmError(f"the model's chat template failed to render: {type(err).__name__}: {err}") from None
 
     @staticmethod
     def _compile_template(source: str) -> Any:
@@ -239,15 +275,22 @@ class Engine:
         out = [row.text for row in rows]
         return out[0] if single else out
 
-    def stream(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
-        """Yield the generated text in pieces as tokens decode; the pieces join to `generate_text`."""
+    def stream(self, prompt: str, settings: GenerationSettings,
+               stats: GenerationStats | None = None) -> Iterator[str]:
+        """Yield the generated text in pieces as tokens decode; the pieces join to `generate_text`.
+
+        `stats`, when given, is filled in as generation runs (token counts, times, finish reason).
+        """
         settings.validate()
         ids = self.encode(prompt)
         self._check_prompts([ids])
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens, stats.finish_reason = len(ids), "length"
         text = _Text(self.tokenizer, settings.stop)
         shown = 0
-        for (token,) in self._steps([ids], settings):
+        for (token,) in self._steps([ids], settings, stats):
             if token in self.eos_token_ids:
+                stats.finish_reason = "stop"
                 break
             text.add(token)
             now = text.shown()
@@ -255,6 +298,7 @@ class Engine:
                 yield now[shown:]
                 shown = len(now)
             if text.stopped:
+                stats.finish_reason = "stop"
                 return
         text.finish()
         if len(text.text) > shown:
@@ -301,11 +345,14 @@ class Engine:
                                "shorten the prompt or raise max_seq_len")
 
     @torch.inference_mode()
-    def _steps(self, prompts: list[list[int]], settings: GenerationSettings) -> Iterator[list[int]]:
+    def _steps(self, prompts: list[list[int]], settings: GenerationSettings,
+               stats: GenerationStats | None = None) -> Iterator[list[int]]:
         """Yield each step's chosen token per row; stopping the iteration stops the computation.
 
-        At most `max_new_tokens` steps, fewer when the context would overflow.
+        At most `max_new_tokens` steps, fewer when the context would overflow. `stats` gets the
+        number of steps and the time spent here (not in the caller between steps).
         """
+        clock = time.perf_counter()
         model = self.model
         batch, longest = len(prompts), max(map(len, prompts))
         if batch > 1:
@@ -328,8 +375,17 @@ class Engine:
         chooser = TokenChooser(settings, prompts, model.config.vocab_size)
         for step in range(new):
             chosen = chooser(logits)
-            yield chosen.tolist()
+            tokens = chosen.tolist()
+            if stats is not None:
+                seconds = time.perf_counter() - clock
+                if step == 0:
+                    stats.prefill_seconds += seconds
+                else:
+                    stats.decode_seconds += seconds
+                stats.new_tokens += 1
+            yield tokens
             if step == new - 1:
                 return
+            clock = time.perf_counter()
             at = torch.full((batch,), longest + step)  # every row's slot (left padding aligns them)
             logits = model.decode(chosen, cache, at, pads, rope[at - pads])

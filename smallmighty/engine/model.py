@@ -46,6 +46,13 @@ from smallmighty.errors import DataError, SlmError
 
 #: model_type values this module runs; each maps to whether q/k/v projections carry a bias.
 SUPPORTED_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": True}
+#: Rotary scalings this module runs, each with the config keys it reads.
+ROPE_SCALING_KEYS = {
+    "default": (), "linear": ("factor",),
+    # Dynamic NTK only changes frequencies past the trained length, which we never exceed.
+    "dynamic": (),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -106,10 +113,22 @@ class LlamaConfig:
         if head_dim % 2:
             raise DataError(f"rotary embedding needs an even head size, got {head_dim}",
                             file=source, field="head_dim")
-        rope = dict(data.get("rope_parameters") or {})
-        rope.update(data.get("rope_scaling") or {})
+        rope = {}
+        for name in ("rope_parameters", "rope_scaling"):
+            value = data.get(name) or {}
+            if not isinstance(value, dict):
+                raise DataError(f"must be an object, got {value!r}", file=source, field=name)
+            rope.update(value)
         theta = rope.pop("rope_theta", data.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_SCALING_KEYS:
+            raise DataError(f"rope type {rope_type!r} is not supported ({', '.join(ROPE_SCALING_KEYS)} are)",
+                            file=source, field="rope_scaling")
+        for key in ROPE_SCALING_KEYS[rope_type]:
+            value = rope.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise DataError(f"{rope_type} rope scaling needs a positive number '{key}', got {value!r}",
+                                file=source, field="rope_scaling")
         sliding = data.get("sliding_window") if data.get("use_sliding_window", True) else None
         return cls(
             vocab_size=need_int("vocab_size"), hidden_size=hidden,
@@ -143,8 +162,7 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
     kind = scaling["rope_type"]
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
-    if kind == "dynamic":
-        # Dynamic NTK only changes frequencies past the trained length, which we never exceed.
+    if kind == "dynamic":  # see ROPE_SCALING_KEYS
         return inv_freq
     if kind == "llama3":
         factor = float(scaling["factor"])
@@ -156,7 +174,7 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
-    raise SlmError(f"rope scaling {kind!r} is not supported (default, linear, dynamic, llama3 are)")
+    raise SlmError(f"rope scaling {kind!r} is not supported ({', '.join(ROPE_SCALING_KEYS)} are)")
 
 
 def rope_table(config: LlamaConfig, length: int) -> torch.Tensor:
@@ -452,11 +470,15 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def read_hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint folder (see `weight_files`)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
     for file in weight_files(model_dir):
-        weights.update(load_file(str(file)))
+        try:
+            weights.update(load_file(str(file)))
+        except SafetensorError as err:
+            raise SlmError(f"{file}: not a readable safetensors file ({err})") from None
     return weights
 
 
@@ -632,11 +654,18 @@ def load_model(model_dir: Path, config: LlamaConfig, precision: str, native: boo
     """
     if precision == "fp32":
         return model_from_state(config, hf_to_state(config, read_hf_weights(model_dir)), native=native)
+    from safetensors import SafetensorError
+
     path = quantized_cache_path(model_dir, precision)
     expected = {"format": CACHE_FORMAT, "precision": precision}
-    if path.is_file() and read_metadata(path) == expected:
-        state, _ = load_state(path)
-        return model_from_state(config, state, native=native)
+    try:
+        # A cache entry that is stale or unreadable (a disk error, a killed writer on a file
+        # system without atomic renames) is made again.
+        if path.is_file() and read_metadata(path) == expected:
+            state, _ = load_state(path)
+            return model_from_state(config, state, native=native)
+    except SafetensorError:
+        pass
     state = quantize_state(hf_to_state(config, read_hf_weights(model_dir)),
                            quantization_plan(config, precision))
     try:

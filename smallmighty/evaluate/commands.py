@@ -6,10 +6,12 @@ import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
 from smallmighty.evaluate.cost import DEFAULT_PRICE_PER_CORE_HOUR, DEFAULT_WATTS_PER_CORE
+from smallmighty.train.arguments import add_recipe_argument
 
 EXAMPLES = """examples:
   slm eval --teacher runs/distill/teacher --model runs/distill/student --data ../shared/datasets/banking77
   slm eval --model runs/distill/student --runtime torch --no-baseline --out runs/eval-torch
+  slm eval --recipe recipes/banking77.json --model runs/banking77/student   # data and out from a recipe
 """
 
 
@@ -40,6 +42,7 @@ def register(subparsers) -> None:
                       help=f"watts per busy core, for the energy estimate where RAPL cannot be read "
                            f"(default: {DEFAULT_WATTS_PER_CORE})")
     add_data_arguments(sub)
+    add_recipe_argument(sub)
     sub.set_defaults(handler=run)
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,14 +109,15 @@ def hardware_info() -> dict:
 
 def profile_classifier(model_dir: str, runtime: str, texts: list[str], *, batch_size: int = 32,
                        max_latency_items: int = 300, threads: int | None = None,
-                       loader: str = DEFAULT_LOADER) -> dict:
+                       loader: str | None = None) -> dict:
     """Load and time one classifier in a fresh subprocess; return its measurements.
 
     Returns {"latency_ms_p50", "latency_ms_p95", "throughput_per_s", "peak_rss_mb", "load_s",
     "cpu_s_per_1k", "rapl_j_per_1k"} (the last two from `cost.request_cost`, batch-1 requests).
     The child uses `threads` torch threads (default: this process's torch default), so the numbers
-    match what an in-process run would see. `loader` ("module:function") names the factory that
-    turns (model_dir, runtime) into an object with `predict_logits(texts) -> array`.
+    match what an in-process run would see. `loader` ("module:function", default `DEFAULT_LOADER`)
+    names the factory that turns (model_dir, runtime) into an object with
+    `predict_logits(texts) -> array`. A child that fails or dies is one SlmError line.
     """
     if not Path(model_dir).exists():
         raise SlmError(f"model directory not found: {model_dir}")
@@ -134,16 +136,30 @@ def profile_classifier(model_dir: str, runtime: str, texts: list[str], *, batch_
         write_text(texts_file, json.dumps(list(texts)))
         cmd = [sys.executable, "-m", "smallmighty.evaluate.speed", "--model", str(model_dir), "--runtime", runtime,
                "--texts", str(texts_file), "--batch-size", str(batch_size),
-               "--max-latency-items", str(max_latency_items), "--threads", str(threads), "--loader", loader,
+               "--max-latency-items", str(max_latency_items), "--threads", str(threads),
+               "--loader", loader or DEFAULT_LOADER,
                "--out", str(out_file)]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode == USER_ERROR_STATUS:
             lines = proc.stderr.strip().splitlines()
             raise SlmError(lines[-1].removeprefix("error: ") if lines else f"profiling {model_dir} failed")
         if proc.returncode != 0:
-            raise RuntimeError(f"profiling {model_dir} ({runtime}) crashed with status {proc.returncode}:\n"
-                               f"{proc.stderr[-4000:]}")
+            raise SlmError(f"profiling {model_dir} ({runtime}) failed: the child process "
+                           f"{_how_it_ended(proc.returncode, proc.stderr)}")
         return json.loads(out_file.read_text(encoding="utf-8"))
+
+
+def _how_it_ended(status: int, stderr: str) -> str:
+    """A child's death in words: the signal that killed it, or its status and last stderr line."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        hint = " (out of memory?)" if -status == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return f"exited with status {status}" + (f": {lines[-1].strip()}" if lines else "")
 
 
 def _load_factory(spec: str) -> Callable[..., Any]:

@@ -7,7 +7,6 @@ is only reached through the small `Engine` surface it uses (`encode`, `apply_cha
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TextIO
 
@@ -32,14 +31,15 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
-    def reply(self, user_text: str) -> Iterator[str]:
+    def reply(self, user_text: str, stats: Any = None) -> Iterator[str]:
         """Stream the assistant's reply to `user_text` as text deltas; record the turn once it completes.
 
         A reply cut short (Ctrl-C, an error) leaves the history as it was before the message.
+        `stats` (a `GenerationStats`) is filled in as the reply runs.
         """
         prompt = self._prompt_with(user_text)
         parts: list[str] = []
-        for delta in self.engine.stream(prompt, self.settings):
+        for delta in self.engine.stream(prompt, self.settings, stats):
             parts.append(delta)
             yield delta
         self.history += [{"role": "user", "content": user_text},
@@ -95,11 +95,11 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, *, banner: str
 
 
 def _answer(session: ChatSession, text: str, stdout: TextIO) -> None:
-    start = time.perf_counter()
-    parts: list[str] = []
+    from smallmighty.engine.generate import GenerationStats
+
+    stats = GenerationStats()
     try:
-        for delta in session.reply(text):
-            parts.append(delta)
+        for delta in session.reply(text, stats):
             stdout.write(delta)
             stdout.flush()
     except KeyboardInterrupt:
@@ -108,9 +108,21 @@ def _answer(session: ChatSession, text: str, stdout: TextIO) -> None:
     except SlmError as exc:
         print(f"error: {exc}", file=stdout)
         return
-    seconds = time.perf_counter() - start
-    tokens = len(session.engine.encode("".join(parts)))
-    print(f"\n[{tokens} tokens in {seconds:.1f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s]", file=stdout)
+    print(f"\n[{speed_report(stats, session.settings, session.engine.max_seq_len)}]", file=stdout)
+
+
+def speed_report(stats: Any, settings: Any, context: int) -> str:
+    """One line on a reply (`GenerationStats`): its length, decode speed, prompt time, and whether
+    a limit cut it short. Tokens/s counts the decode steps only, as llama.cpp's "eval" figure
+    does: the prompt's pass (which also gives the first token) is reported on its own."""
+    line = (f"{stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tokens/s; "
+            f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds:.2f} s")
+    if stats.finish_reason == "length":
+        if stats.new_tokens >= settings.max_new_tokens:
+            line += f"; stopped at the --max-new-tokens limit ({settings.max_new_tokens})"
+        else:
+            line += f"; stopped at the end of the model's {context}-token context"
+    return line
 
 
 def _read_line(stdin: TextIO, stdout: TextIO, prompt: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
 from smallmighty.errors import SlmError
@@ -27,7 +26,8 @@ examples:
   slm generate --model path/to/model.gguf --precision int4 "Hello"
 
 The prompt is wrapped in the model's chat template as a user message (with --system as the system
-prompt) unless --raw is given. The reply streams to stdout; its length and speed go to stderr.
+prompt) unless --raw is given. The reply streams to stdout; its length, decode speed (tokens/s of
+the decode steps, prompt time apart) and whether --max-new-tokens cut it short go to stderr.
 --model takes a .gguf file (converted once into $SLM_CACHE_DIR, by default ~/.cache/smallmighty), a Hugging Face
 model folder with safetensors weights, or a hub id (downloaded when online).
 """
@@ -188,21 +188,16 @@ def run_generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt = engine.apply_chat_template(messages + [{"role": "user", "content": prompt}],
                                             add_generation_prompt=True)
-    start = time.perf_counter()
-    first = None
-    parts: list[str] = []
-    for delta in engine.stream(prompt, settings):
-        if first is None:
-            first = time.perf_counter() - start
-        parts.append(delta)
+    from smallmighty.engine.generate import GenerationStats
+    from smallmighty.serve.chat import speed_report
+
+    stats = GenerationStats()
+    for delta in engine.stream(prompt, settings, stats):
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    seconds = time.perf_counter() - start
-    tokens = len(engine.encode("".join(parts)))
-    print(f"[{tokens} tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s, "
-          f"first after {first or 0.0:.2f} s, {engine.precision}]", file=sys.stderr)
+    print(f"[{speed_report(stats, settings, engine.max_seq_len)}, {engine.precision}]", file=sys.stderr)
     return 0
 
 

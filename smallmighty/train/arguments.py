@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int = 32,
@@ -26,10 +27,15 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: flo
     group.add_argument("--checkpoint-every", type=int, default=200,
                        help="optimizer steps between checkpoints (default: 200; epochs always end with one)")
     group.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-    parser.add_argument("--recipe", type=Path, default=None,
-                        help="a JSON file of settings (keys are these flags' names with underscores); "
-                             "flags given on the command line win")
+    add_recipe_argument(parser)
     return group
+
+
+def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
+    """`--recipe FILE`: settings from a JSON file, under the flags typed on the command line."""
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="a JSON file of settings (keys are this command's flag names with "
+                             "underscores); flags typed on the command line win")
 
 
 def add_chat_tuning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,23 +77,82 @@ def train_config_from_args(args: argparse.Namespace, **overrides):
                        grad_accum=args.grad_accum, **overrides)
 
 
-def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Fill in settings from `--recipe`: a recipe value replaces a flag left at its default, so
-    flags typed on the command line still win."""
+def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, *,
+                 other_settings: set[str] = frozenset()) -> argparse.Namespace:
+    """Fill in settings from `--recipe`, each value checked against its flag's type and choices.
+
+    A recipe describes a whole run, so a key in `other_settings` (settings of other commands:
+    `slm eval` reading a `slm distill` recipe) is skipped; any other unknown key is an error.
+
+    A recipe value replaces every setting not typed on the command line, even a typed value that
+    equals the default. Which flags were typed is `args.typed_on_command_line`, which `slm`'s main
+    sets (`smallmighty.cli.typed_settings`); without it (a Namespace built by hand), a setting
+    still at its default counts as not typed. Applying a recipe twice changes nothing.
+    """
     from smallmighty.errors import SlmError
 
-    if not getattr(args, "recipe", None):
+    if not getattr(args, "recipe", None) or getattr(args, "recipe_applied", False):
         return args
     try:
-        recipe = json.loads(args.recipe.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SlmError(f"recipe '{args.recipe}': {exc}") from exc
+        recipe = json.loads(args.recipe.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SlmError(f"recipe '{args.recipe}': {exc}") from None
     if not isinstance(recipe, dict):
         raise SlmError(f"recipe '{args.recipe}': expected a JSON object of settings")
-    unknown = sorted(set(recipe) - set(vars(args)))
+    actions = {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help", "recipe")}
+    unknown = sorted(set(recipe) - set(actions) - set(other_settings))
     if unknown:
         raise SlmError(f"recipe '{args.recipe}': unknown setting(s) {', '.join(unknown)}")
+    typed = getattr(args, "typed_on_command_line", None)
     for key, value in recipe.items():
-        if getattr(args, key) == parser.get_default(key):
+        if key not in actions:
+            continue
+        value = _recipe_value(args.recipe, key, value, actions[key])
+        if typed is not None:
+            was_typed = key in typed
+        else:
+            was_typed = getattr(args, key) != parser.get_default(key)
+        if not was_typed:
             setattr(args, key, value)
+    args.recipe_applied = True
     return args
+
+
+def _recipe_value(recipe: Path, key: str, value: Any, action: argparse.Action) -> Any:
+    """`value` as the flag behind `key` would parse it, or an error naming the key."""
+    from smallmighty.errors import SlmError
+
+    def bad(expected: str) -> SlmError:
+        return SlmError(f"recipe '{recipe}': setting '{key}' must be {expected}, got {value!r}")
+
+    def scalar(item: Any) -> Any:
+        kind = action.type or str
+        if kind is int and (not isinstance(item, int) or isinstance(item, bool)):
+            raise bad("an integer")
+        if kind is float:
+            if not isinstance(item, (int, float)) or isinstance(item, bool):
+                raise bad("a number")
+            return float(item)
+        if kind is int:
+            return item
+        if not isinstance(item, str):
+            raise bad("a string")
+        try:
+            return kind(item)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise bad(f"valid ({exc})") from None
+
+    if action.nargs == 0:  # a switch (--resume, --no-baseline)
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if value is None and action.default is None:
+        return None
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            raise bad("a list")
+        return [scalar(item) for item in value]
+    value = scalar(value)
+    if action.choices is not None and value not in action.choices:
+        raise bad(f"one of {', '.join(map(str, action.choices))}")
+    return value

@@ -87,6 +87,7 @@ def _hf_greedy(model_dir: Path, prompts: list[list[int]], new: int) -> list[list
 
 
 PROMPTS = [[5, 9, 13, 40, 41], [7, 3], [100, 101, 102, 103, 104, 105, 106, 107, 108], [42]]
+GREEDY = GenerationSettings(max_new_tokens=8)
 
 
 @pytest.mark.parametrize("overrides", [{"tie_word_embeddings": True},
@@ -262,6 +263,52 @@ def test_quantized_weights_are_cached_outside_the_model_folder(tmp_path, monkeyp
     stamp = cached[0].stat().st_mtime_ns
     Engine.from_pretrained(model_dir, precision="int8")  # read back, not made again
     assert cached[0].stat().st_mtime_ns == stamp
+
+
+def test_loading_hf_folders_and_gguf_files_leaves_their_folders_byte_for_byte_unchanged(tmp_path, monkeypatch):
+    from tiny_llama import write_tiny_gguf, write_tiny_llama
+
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path / "cache"))
+    hf = write_tiny_llama(tmp_path / "hf")
+    (tmp_path / "gguf").mkdir()
+    gguf = write_tiny_gguf(hf, tmp_path / "gguf" / "tiny.F32.gguf")
+    before = {folder: folder_bytes(folder) for folder in (hf, gguf.parent)}
+    for precision in ("fp32", "int8", "int4"):
+        for source in (str(hf), str(gguf)):
+            for _ in range(2):  # made, then read from the cache
+                engine = Engine.load(source, precision=precision)
+                assert engine.generate([[5, 6, 7]], GenerationSettings(max_new_tokens=3))[0]
+    assert {folder: folder_bytes(folder) for folder in before} == before
+
+
+def test_an_unreadable_quantized_cache_entry_is_made_again(tmp_path, monkeypatch):
+    model_dir = make_model_dir(tmp_path / "m")
+    monkeypatch.setenv("SLM_CACHE_DIR", str(tmp_path / "cache"))
+    expected = Engine.from_pretrained(model_dir, precision="int4").generate([PROMPTS[0]], GREEDY)
+    cached = model_module.quantized_cache_path(model_dir, "int4")
+    cached.write_bytes(b"\x00" * 64)  # a torn write on a file system without atomic renames
+    assert Engine.from_pretrained(model_dir, precision="int4").generate([PROMPTS[0]], GREEDY) == expected
+    assert model_module.read_metadata(cached)["precision"] == "int4"
+
+
+def test_stream_stats_count_new_tokens_and_time_only_the_engines_work(model_dir):
+    import time
+
+    from smallmighty.engine.generate import GenerationStats
+
+    engine = Engine.from_pretrained(model_dir)
+    prompt = "the quick brown fox"
+    settings = GenerationSettings(max_new_tokens=6)
+    stats = GenerationStats()
+    pieces = 0
+    for _ in engine.stream(prompt, settings, stats):
+        pieces += 1
+        time.sleep(0.05)  # the caller's own time (printing) is not decode time
+    new = engine.generate([engine.encode(prompt)], settings)[0]
+    assert stats.new_tokens == len(new) and stats.prompt_tokens == len(engine.encode(prompt))
+    assert stats.finish_reason == ("stop" if new[-1] in engine.eos_token_ids else "length")
+    assert 0 < stats.decode_seconds < 0.05 * max(pieces - 1, 1)
+    assert stats.decode_tokens_per_s == pytest.approx((len(new) - 1) / stats.decode_seconds)
 
 
 def test_unwritable_cache_still_loads(tmp_path, monkeypatch, capsys):

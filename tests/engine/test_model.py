@@ -91,11 +91,17 @@ def test_bad_config_names_the_field(field, value, match):
         LlamaConfig.from_dict(data, source="config.json")
 
 
-def test_unsupported_rope_scaling_is_a_clear_error():
-    config = LlamaConfig.from_dict({"model_type": "llama", **BASE,
-                                    "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(SlmError, match="yarn"):
-        rope_table(config, 4)
+@pytest.mark.parametrize("scaling,match", [
+    ({"rope_type": "yarn", "factor": 4.0}, "'yarn' is not supported"),
+    ({"rope_type": "linear"}, "needs a positive number 'factor', got None"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "'high_freq_factor'"),
+    ({"type": "linear", "factor": "2"}, "'factor', got '2'"),
+    ("linear", "must be an object"),
+])
+def test_unsupported_or_incomplete_rope_scaling_is_a_clear_error(scaling, match):
+    with pytest.raises(DataError, match=match) as caught:
+        LlamaConfig.from_dict({"model_type": "llama", **BASE, "rope_scaling": scaling}, source="config.json")
+    assert "config.json, field 'rope_scaling'" in str(caught.value)
 
 
 def test_missing_or_extra_weights_are_reported(tmp_path):

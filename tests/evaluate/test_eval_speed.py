@@ -83,6 +83,9 @@ FAKE_LOADER = textwrap.dedent('''
             raise SlmError(f"unknown runtime {runtime!r}")
         if runtime == "crash":
             raise ZeroDivisionError("bug")
+        if runtime == "killed":  # as the kernel's out-of-memory killer would
+            import os, signal
+            os.kill(os.getpid(), signal.SIGKILL)
         import torch  # loaded like a torch classifier would, so the child pins its threads
         return Sleepy(model_dir)
 ''')
@@ -114,10 +117,37 @@ def test_profile_runs_in_a_fresh_process(tmp_path: Path, fake_loader: str) -> No
 def test_profile_reports_loader_errors(tmp_path: Path, fake_loader: str) -> None:
     with pytest.raises(SlmError, match="unknown runtime 'bad'"):
         speed.profile_classifier(str(tmp_path), "bad", ["a"], loader=fake_loader)
-    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+    with pytest.raises(SlmError, match="exited with status 1: ZeroDivisionError: bug$"):
         speed.profile_classifier(str(tmp_path), "crash", ["a"], loader=fake_loader)
+    with pytest.raises(SlmError, match="was killed by SIGKILL"):
+        speed.profile_classifier(str(tmp_path), "killed", ["a"], loader=fake_loader)
     with pytest.raises(SlmError, match="not found"):
         speed.profile_classifier(str(tmp_path / "missing"), "torch", ["a"], loader=fake_loader)
+
+
+def test_slm_eval_reports_a_profiling_child_that_dies_in_one_line(tmp_path: Path, fake_loader: str,
+                                                                   tiny_encoder_dir: Path, topic_data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    # A real classifier is scored in this process; its profiling child is then killed (as the
+    # out-of-memory killer would), which `slm eval` must report as one line, not a traceback.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from smallmighty.cli import main
+
+    labels = ["food", "sport", "weather"]  # the topic data's labels, in its order
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_encoder_dir, num_labels=3, id2label=dict(enumerate(labels)))
+    model.save_pretrained(tmp_path / "clf")
+    AutoTokenizer.from_pretrained(tiny_encoder_dir).save_pretrained(tmp_path / "clf")
+    # fake_loader put tmp_path on the child's PYTHONPATH.
+    (tmp_path / "killer.py").write_text("import os, signal\n\n\ndef load(model_dir, runtime):\n"
+                                        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    monkeypatch.setattr(speed, "DEFAULT_LOADER", "killer:load")
+    assert main(["eval", "--model", str(tmp_path / "clf"), "--data", str(topic_data_dir), "--runtime", "torch",
+                 "--no-baseline", "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failed: the child process was killed by SIGKILL" in err[0], err
 
 
 def test_child_rejects_a_bad_loader(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -14,9 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from tiny_llama import CHATML, SPECIALS, write_tiny_llama
+from tiny_llama import CHATML, write_tiny_gguf, write_tiny_llama
 
 from smallmighty.errors import SlmError
 from smallmighty.models.causal_lm import (
@@ -24,62 +23,6 @@ from smallmighty.models.causal_lm import (
     load_hf_causal_lm,
     resolve_causal_lm,
 )
-
-
-def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
-    """Write the folder from `write_tiny_llama` as an f32 GGUF, laid out as llama.cpp's converter does."""
-    import gguf
-    from safetensors.numpy import load_file
-
-    config = json.loads((hf_dir / "config.json").read_text())
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny-llama")
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_dimension_count(config["head_dim"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-
-    by_id = {i: t for t, i in tok["model"]["vocab"].items()} | {a["id"]: a["content"] for a in tok["added_tokens"]}
-    tokens = [by_id[i] for i in range(len(by_id))]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
-
-    def permute(w: np.ndarray, heads: int) -> np.ndarray:
-        # llama.cpp stores q/k rows interleaved per rotary pair; transformers undoes this on load.
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    weights = load_file(str(hf_dir / "model.safetensors"))
-    writer.add_tensor("token_embd.weight", weights.pop("model.embed_tokens.weight"))
-    writer.add_tensor("output_norm.weight", weights.pop("model.norm.weight"))
-    for name, w in sorted(weights.items()):
-        layer, rest = name.removeprefix("model.layers.").split(".", 1)
-        module = rest.removesuffix(".weight")
-        if module == "self_attn.q_proj":
-            w = permute(w, config["num_attention_heads"])
-        elif module == "self_attn.k_proj":
-            w = permute(w, config["num_key_value_heads"])
-        writer.add_tensor(f"blk.{layer}.{names[module]}.weight", np.ascontiguousarray(w))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,13 @@ class ScriptedEngine:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
-    def stream(self, prompt: str, settings: object) -> Iterator[str]:
+    def stream(self, prompt: str, settings: object, stats=None) -> Iterator[str]:
         self.prompts.append(prompt)
-        yield from ["reply ", str(prompt.count("<user>"))]
+        reply = ["reply ", str(prompt.count("<user>"))]
+        if stats is not None:
+            stats.prompt_tokens, stats.new_tokens = len(prompt), len("".join(reply))
+            stats.decode_seconds, stats.finish_reason = 0.5, "stop"
+        yield from reply
 
 
 class Settings:
@@ -110,13 +114,13 @@ def test_chat_keeps_history_and_resets() -> None:
         "<system>Be nice.<user>Hello again<assistant>",
     ]
     assert "(history cleared)" in out
-    assert out.count("tokens/s]") == 3
-    assert "[7 tokens in" in out  # "reply 1" is 7 characters, one token each here
+    assert out.count("tokens/s;") == 3
+    assert "[7 tokens, 12.0 tokens/s;" in out  # "reply 1": 7 characters, one token each; 6 steps in 0.5 s
 
 
 def test_chat_ends_at_end_of_input_and_skips_blank_lines() -> None:
     out, engine = chat("\n   \nHi\n")
-    assert len(engine.prompts) == 1 and out.count("tokens/s]") == 1
+    assert len(engine.prompts) == 1 and out.count("tokens/s;") == 1
     assert out.endswith("> \n")  # the last prompt, closed with a newline at end of input
 
 
@@ -142,7 +146,7 @@ def test_chat_too_long_message_is_an_error_not_an_exit() -> None:
 
 def test_interrupted_reply_is_not_kept() -> None:
     class Interrupted(ScriptedEngine):
-        def stream(self, prompt: str, settings: object) -> Iterator[str]:
+        def stream(self, prompt: str, settings: object, stats=None) -> Iterator[str]:
             self.prompts.append(prompt)
             yield "part"
             if len(self.prompts) == 1:
@@ -193,7 +197,7 @@ def test_chat_end_to_end(tiny_dir: Path, engine, monkeypatch: pytest.MonkeyPatch
     assert main(["chat", "--model", str(tiny_dir), "--precision", "int8", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "Chatting with" in out and "(history cleared)" in out
-    replies = [line for line in out.splitlines() if line.endswith("tokens/s]")]
+    replies = [line for line in out.splitlines() if "tokens/s;" in line]
     assert len(replies) == 2
 
 
@@ -209,6 +213,86 @@ def test_errors_are_one_line_with_status_2(tiny_dir: Path, engine, argv: list[st
     assert main(["generate", *model, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def _broken_copy(tiny_dir: Path, tmp_path: Path, name: str, content: str | bytes) -> Path:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    target = folder / name
+    if isinstance(content, str):
+        target.write_text(content)
+    else:
+        target.write_bytes(content)
+    return folder
+
+
+def _config_with(tiny_dir: Path, **fields: object) -> str:
+    import json
+
+    return json.dumps(json.loads((tiny_dir / "config.json").read_text()) | fields)
+
+
+def _tokenizer_config_with(tiny_dir: Path, **fields: object) -> str:
+    import json
+
+    return json.dumps(json.loads((tiny_dir / "tokenizer_config.json").read_text()) | fields)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", "{not json", "tokenizer.json: not a valid tokenizers file"),
+    ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}", "model.safetensors: not a readable safetensors file"),
+    ("tokenizer_config.json", lambda d: _tokenizer_config_with(d, chat_template="{{ messages[3].content.x }}"),
+     "chat template failed to render: UndefinedError"),
+    ("config.json", lambda d: _config_with(d, rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     "config.json, field 'rope_scaling': llama3 rope scaling needs a positive number 'low_freq_factor'"),
+])
+def test_broken_model_files_are_one_line_naming_the_file(tiny_dir: Path, tmp_path: Path, name: str, content,
+                                                          message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _broken_copy(tiny_dir, tmp_path, name, content(tiny_dir) if callable(content) else content)
+    assert main(["generate", "--model", str(folder), "--precision", "fp32", "Hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    if name != "tokenizer_config.json":
+        assert str(folder / name) in err[0]
+
+
+def test_generate_into_a_closed_pipe_exits_quietly(tiny_dir: Path, engine) -> None:
+    # `slm generate | head -1`: the reader leaves before the reply is written.
+    proc = subprocess.Popen([sys.executable, "-m", "smallmighty.cli", "generate", "--model", str(tiny_dir),
+                             "--precision", "fp32", "--max-new-tokens", "32", "Hello"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def test_generate_reports_new_tokens_and_decode_speed(tiny_dir: Path, engine,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    prompt = engine.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    new = engine.generate([engine.encode(prompt)], settings(max_new_tokens=20))[0]
+    assert main(["generate", "--model", str(tiny_dir), "--precision", "fp32", "--max-new-tokens", "20",
+                 "Hello there"]) == 0
+    report = capsys.readouterr().err.strip().splitlines()[-1]
+    found = re.fullmatch(r"\[(\d+) tokens, ([\d.]+) tokens/s; prompt (\d+) tokens in [\d.]+ s(.*), fp32\]", report)
+    assert found, report
+    assert int(found[1]) == len(new) and int(found[3]) == len(engine.encode(prompt))
+    assert float(found[2]) > 0
+    limit = "; stopped at the --max-new-tokens limit (20)"
+    assert (found[4] == limit) == (len(new) == 20 and new[-1] not in engine.eos_token_ids)
+
+
+def test_chat_says_when_a_reply_hit_the_token_limit(tiny_dir: Path, engine, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--precision", "fp32", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[3 tokens, " in out and "stopped at the --max-new-tokens limit (3)]" in out, out
 
 
 def test_empty_prompt_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

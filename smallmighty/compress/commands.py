@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
+from smallmighty import io
 from smallmighty.errors import SlmError
 
 FORMATS = ("gguf", "onnx", "litert")
@@ -65,20 +65,13 @@ def default_out(model: str | None, fmt: str, gguf_type: str) -> Path:
 
 
 def check_writable(out: Path, fmt: str) -> None:
-    """Fail now, in one line, if `out` cannot be written (rather than after minutes of converting)."""
+    """Fail now, in one line, if `out` cannot take this format's output (rather than after minutes of
+    converting): a .gguf is a file, the other formats write a folder."""
     if fmt == "gguf" and out.is_dir():
         raise SlmError(f"--out {out} is a folder; give the .gguf file to write")
     if fmt != "gguf" and out.exists() and not out.is_dir():
         raise SlmError(f"--out {out} is a file; --format {fmt} writes a folder")
-    existing = next(p for p in out.absolute().parents if p.exists())
-    if not existing.is_dir():
-        raise SlmError(f"cannot write --out {out}: {existing} is a file, not a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as err:
-        raise SlmError(f"cannot write --out {out}: {err.strerror or err}") from None
+    io.check_writable(out)
 
 
 def _size_mb(path: Path) -> float:

@@ -41,7 +41,7 @@ def test_unwritable_out_is_caught_before_any_work(tiny, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     err = one_line_error(capsys, ["export", str(tiny), "--format", "gguf", "--out", str(blocker / "x.gguf")])
-    assert err == f"error: cannot write --out {blocker / 'x.gguf'}: {blocker} is a file, not a folder"
+    assert err == f"error: cannot write {blocker / 'x.gguf'}: {blocker} is a file, not a folder"
     err = one_line_error(capsys, ["export", str(tiny), "--format", "gguf", "--out", str(tmp_path)])
     assert "is a folder; give the .gguf file to write" in err
     err = one_line_error(capsys, ["export", str(tiny), "--format", "onnx", "--out", str(blocker)])

@@ -125,8 +125,10 @@ def _convert(model_dir: str, out_file: str, max_length: int) -> dict:
     lengths = signature_lengths(max_length)
     converter = None
     for n in lengths:
-        ids = torch.ones(1, n, dtype=torch.long)
-        converter = (litert_torch if converter is None else converter).signature(f"len{n}", model, (ids, ids))
+        # Two distinct sample tensors: given one tensor twice, litert-torch 0.10.0 bakes the sample ids
+        # into the graph as a constant (every text then classifies as a run of token 1).
+        ids, mask = torch.ones(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.long)
+        converter = (litert_torch if converter is None else converter).signature(f"len{n}", model, (ids, mask))
     converted = converter.convert()
     with atomic_path(out_file) as tmp:
         converted.export(str(tmp))

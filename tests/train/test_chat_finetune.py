@@ -73,7 +73,7 @@ def test_slm_chat_holds_a_multi_turn_conversation_with_the_tuned_model(tuned) ->
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     first, second = out.index("Hello! What is the question?"), out.index("Paris.")
-    assert first < second and out.count(" tokens/s]") == 2  # two replies, the second with the first in its history
+    assert first < second and out.count(" tokens/s; prompt ") == 2  # two replies, the second with the first in its history
 
 
 def test_full_finetune_resumes_after_a_kill_exactly(base, chats, tmp_path, monkeypatch) -> None:

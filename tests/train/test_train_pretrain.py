@@ -41,7 +41,7 @@ def pretrained(stories, tmp_path_factory) -> Path:
 def test_pretrained_model_learns_and_records_how_it_was_made(pretrained):
     meta = json.loads((pretrained / "smallmighty.json").read_text())
     ppl = [h["val_ppl"] for h in meta["history"]]
-    assert len(ppl) == 3 and ppl[-1] < ppl[0] and ppl[-1] < 80  # a uniform guess over 512 tokens is 512
+    assert len(ppl) == 3 and ppl[-1] < ppl[0] and ppl[-1] < 100  # a uniform guess over 512 tokens is 512
     assert meta["best"]["val_ppl"] == min(ppl)
     assert meta["recipe"] == "pretrain" and meta["shape"]["layers"] == 2
     assert not pretrained.with_name("model.checkpoint").exists()

@@ -45,7 +45,7 @@ ENDS_ON_USER = "ending on a user turn"
 NO_ANSWER = "without an assistant turn"
 TOO_LONG = "longer than the context"
 #: Label of tokens the loss leaves out (transformers' and PyTorch's ignore index).
-IGNORE = -100
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -265,14 +265,14 @@ def tokenize_with_mask(tokenizer: Any, messages: list[dict[str, str]], where: tu
 
 def encode_conversations(tokenizer: Any, data: ChatData, max_length: int, *, strict: bool = False) -> list[dict]:
     """One example per conversation: `input_ids`, and `labels` equal to them on assistant tokens and
-    `IGNORE` elsewhere. Conversations over `max_length` tokens are skipped and counted in `data`."""
+    `IGNORE_INDEX` elsewhere. Conversations over `max_length` tokens are skipped and counted in `data`."""
     examples = []
     for conv in data.conversations:
         ids, mask = tokenize_with_mask(tokenizer, conv.messages, (conv.file, conv.line), conv.open_end)
         if len(ids) > max_length:
             data.skip(TOO_LONG, conv.file, conv.line, strict)
             continue
-        examples.append({"input_ids": ids, "labels": [t if m else IGNORE for t, m in zip(ids, mask)]})
+        examples.append({"input_ids": ids, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]})
     if not examples:
         raise SlmError(f"{data.source}: no conversation fits in {max_length} tokens; raise --max-length")
     return examples

@@ -34,18 +34,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from smallmighty.cache import content_fingerprint
 from smallmighty.data.corpus import PackedCorpus, load_corpus, pack, tokenize_corpus
 from smallmighty.distill.losses import DistillWeights, HiddenProjection, hidden_state_mse
 from smallmighty.distill.lm_losses import TeacherTopK, divergence_beta, teacher_topk, token_divergence
-from smallmighty.distill.teacher_cache import CacheSpec, TeacherCache, build_lm_teacher_cache
+from smallmighty.distill.teacher_cache import CacheSpec, TeacherCache, build_lm_teacher_cache, lm_cache_path
 from smallmighty.distill.vocabulary import shared_vocabulary
 from smallmighty.errors import SlmError
+from smallmighty.io import write_text
 from smallmighty.models.bpe_trim import TrimmedVocab, trim_bpe_tokenizer
 from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm
 from smallmighty.models.decoder import save_decoder
@@ -60,7 +63,7 @@ from smallmighty.train.causal_lm import (
     resolve_precision,
 )
 from smallmighty.train.finetune import checkpoint_dir_for
-from smallmighty.train.loop import TrainConfig, TrainResult, is_main_process, train
+from smallmighty.train.loop import TrainConfig, TrainResult, is_main_process, train, wait_for_everyone
 
 METHODS = ("kd", "gkd", "sequence")
 #: Training rows the teacher's activations are measured on to choose what a cut student keeps.
@@ -170,7 +173,7 @@ def build_lm_student(teacher: nn.Module, teacher_tok, teacher_name: str, train_r
         columns = None
         if config.method != "sequence":
             shared = shared_vocabulary(teacher_tok, student_tok, teacher_name=teacher_name, student_name=str(student_dir))
-            columns = torch.arange(shared)
+            columns = torch.arange(min(shared, teacher.config.vocab_size, student.config.vocab_size))
         return student, student_tok, None, columns, {"init": f"from {student_dir}"}
     if not can_cut(teacher.config):
         raise SlmError(f"the teacher is a '{teacher.config.model_type}' model, which a student cannot be cut from "
@@ -193,7 +196,8 @@ def build_lm_student(teacher: nn.Module, teacher_tok, teacher_name: str, train_r
         student = AutoModelForCausalLM.from_config(student_config(teacher.config, cut, vocab_size, token_ids),
                                                    dtype=torch.float32)
         init = "random"
-    columns = torch.tensor(keep_ids) if keep_ids is not None else torch.arange(len(teacher_tok))
+    columns = (torch.tensor(keep_ids) if keep_ids is not None
+               else torch.arange(min(len(teacher_tok), teacher.config.vocab_size)))
     return student, student_tok, vocab, columns, {"init": init, "cut": config.cut.resolve(teacher.config).as_dict()}
 
 
@@ -244,6 +248,9 @@ class LMDistillObjective(nn.Module):
                  teacher_hidden: int = 0, pad_token_id: int = 0) -> None:
         super().__init__()
         self.student = student
+        # As `CausalLMObjective`: eager attention trains faster on CPU than SDPA; set once here, so every
+        # step of a run (resumed or not) uses the same kernels.
+        student.set_attn_implementation("eager")
         self.config = config
         self.cache, self.scorer = cache, scorer
         self.beta = divergence_beta(config.divergence, config.beta)
@@ -298,46 +305,39 @@ class LMDistillObjective(nn.Module):
 
 
 def teacher_continuations(teacher_dir: Path, prompts: torch.Tensor, new_tokens: int, config: LMDistillConfig,
-                          path: Path, *, batch_size: int = 8) -> Path:
-    """The teacher's continuations of `prompts` (teacher ids), made by our engine, as a JSONL corpus.
+                          path: Path, *, batch_size: int = 16) -> list[str]:
+    """The teacher's continuations of `prompts` (teacher ids), made by our engine, batched: each text is
+    a prompt and its next `new_tokens` tokens (sampled at `sample_temperature`, no early stop).
 
-    Each line is {"text": prompt + continuation}. Lines are appended a batch at a time, and the
-    settings they were made with sit beside them (`<path>.settings.json`), so a killed run resumes
-    where it stopped and a run with other settings starts afresh.
+    Kept at `path` as a JSONL cache in the teacher's answers' format (`distill.answers.read_jsonl_cache`:
+    a header with the teacher's fingerprint and every setting, then one record per prompt appended as it
+    is made), so a killed run resumes where it stopped and other settings start afresh.
     """
     import hashlib
 
-    from tqdm.auto import tqdm
-
+    from smallmighty.distill.answers import generate_in_batches, read_jsonl_cache, teacher_fingerprint
     from smallmighty.engine.generate import Engine
     from smallmighty.engine.sampling import GenerationSettings
 
-    settings_file = path.with_suffix(".settings.json")
-    settings = json.dumps({"teacher": str(teacher_dir), "new_tokens": new_tokens,
-                           "prompts": hashlib.sha256(prompts.numpy().tobytes()).hexdigest(),
-                           "temperature": config.sample_temperature, "precision": config.teacher_precision,
-                           "seed": config.train.seed})
-    done = 0
-    if path.is_file() and settings_file.is_file() and settings_file.read_text(encoding="utf-8") == settings:
-        done = len(path.read_text(encoding="utf-8").splitlines())
-    else:
-        path.unlink(missing_ok=True)
-        settings_file.write_text(settings, encoding="utf-8")
-    if done >= len(prompts):
-        return path
-    engine = Engine.from_pretrained(teacher_dir, precision=config.teacher_precision)
-    engine.eos_token_ids = set()  # continue every prompt for exactly `new_tokens` tokens
-    with open(path, "a", encoding="utf-8") as out, \
-            tqdm(total=len(prompts), initial=done, desc="teacher continuations", unit="seq") as bar:
-        for start in range(done, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size].tolist()
-            sampling = GenerationSettings(max_new_tokens=new_tokens, temperature=config.sample_temperature,
-                                          seed=config.train.seed + start)
-            for prompt, new in zip(batch, engine.generate(batch, sampling)):
-                out.write(json.dumps({"text": engine.tokenizer.decode(prompt + new, skip_special_tokens=False)}) + "\n")
-            out.flush()
-            bar.update(len(batch))
-    return path
+    header = {"teacher": str(teacher_dir), "fingerprint": teacher_fingerprint(teacher_dir), "backend": "engine",
+              "settings": {"method": "sequence", "new_tokens": new_tokens, "temperature": config.sample_temperature,
+                           "precision": config.teacher_precision, "seed": config.train.seed,
+                           "prompts": hashlib.sha256(prompts.numpy().tobytes()).hexdigest()}}
+    texts = {r["index"]: r["text"] for r in read_jsonl_cache(path, header, lambda r: {"index": r["index"],
+                                                                                    "text": r["text"]})}
+    missing = [i for i in range(len(prompts)) if i not in texts]
+    if missing:
+        engine = Engine.from_pretrained(teacher_dir, precision=config.teacher_precision)
+        engine.eos_token_ids = set()  # continue every prompt for exactly `new_tokens` tokens
+        sampling = GenerationSettings(max_new_tokens=new_tokens, temperature=config.sample_temperature,
+                                      seed=config.train.seed + len(texts))
+        ids = [prompts[i].tolist() for i in missing]
+        with open(path, "a", encoding="utf-8") as out:
+            for j, new in generate_in_batches(engine, ids, sampling, batch_size, "teacher continuations"):
+                texts[missing[j]] = engine.tokenizer.decode(ids[j] + new, skip_special_tokens=False)
+                out.write(json.dumps({"index": missing[j], "text": texts[missing[j]]}, ensure_ascii=False) + "\n")
+                out.flush()
+    return [texts[i] for i in range(len(prompts))]
 
 
 def _sequence_rows(teacher_dir: Path, corpus: PackedCorpus, student_tok, config: LMDistillConfig,
@@ -345,30 +345,35 @@ def _sequence_rows(teacher_dir: Path, corpus: PackedCorpus, student_tok, config:
     """Student training rows made of the teacher's continuations of corpus prompts."""
     count = config.sequences or len(corpus.train)
     prompts = corpus.train[torch.arange(count) % len(corpus.train), :config.prompt_tokens]
-    generated = work / "teacher_continuations.jsonl"
+    generated, texts = work / "teacher_continuations.jsonl", work / "sequence_corpus.jsonl"
     if is_main_process():
-        teacher_continuations(teacher_dir, prompts, config.seq_len - config.prompt_tokens, config, generated)
-    _wait_for_everyone()
-    ids = tokenize_corpus(generated, student_tok, progress=is_main_process())
+        continuations = teacher_continuations(teacher_dir, prompts, config.seq_len - config.prompt_tokens, config,
+                                              generated)
+        # One document per continuation (EOS between them when packed).
+        write_text(texts, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in continuations))
+    wait_for_everyone()
+    ids = tokenize_corpus(texts, student_tok, progress=is_main_process())
     if len(ids) < config.seq_len:
         raise SlmError("the teacher's continuations are shorter than one training sequence")
     return pack(ids, config.seq_len)
-
-
-def _wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------- the run
 
 
 def distill_causal_lm(teacher: str | None, data: str, out_dir: str | Path, config: LMDistillConfig, *,
-                      resume: bool = False) -> dict:
+                      resume: bool = False, scratch_dir: str | Path | None = None,
+                      scratch_train: TrainConfig | None = None) -> dict:
     """Distil `teacher` (None: SmolLM2-135M-Instruct) into a student saved at `out_dir`; returns facts
-    about the run (shape, parameters, tokens, the validation history)."""
+    about the run (shape, parameters, tokens, validation history, wall-clock of each stage).
+
+    With `scratch_dir`, the same student shape is also trained from random weights by plain next-token
+    prediction on the same training rows for as many steps (`scratch_train`: its optimiser settings,
+    default the student's) and saved there: the baseline that shows what the teacher adds.
+    """
     config.validate()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     out_dir = Path(out_dir)
     teacher_dir = resolve_causal_lm(teacher)
     teacher_model, teacher_tok = load_hf_causal_lm(teacher_dir)
@@ -378,56 +383,98 @@ def distill_causal_lm(teacher: str | None, data: str, out_dir: str | Path, confi
     student, student_tok, vocab, columns, info = build_lm_student(teacher_model, teacher_tok, str(teacher_dir),
                                                                   corpus.train, config)
     data_rows = _student_rows(corpus, teacher_tok, student_tok, data, config, vocab)
+    info["teacher_params"] = count_parameters(teacher_model)
+    timings["prepare_s"], clock = time.perf_counter() - clock, time.perf_counter()
     work = checkpoint_dir_for(out_dir)
     work.mkdir(parents=True, exist_ok=True)
-    bf16 = resolve_precision(config.precision) == "bf16"
     pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
-    w = config.weights
     if config.method == "sequence":
         del teacher_model
         rows = _sequence_rows(teacher_dir, corpus, student_tok, config, work)
         objective: nn.Module = CausalLMObjective(student, precision=config.precision)
         examples, collate = [{"input_ids": row} for row in rows], CausalLMCollator(pad)
+        timings["teacher_continuations_s"] = time.perf_counter() - clock
     else:
-        if columns is None:  # unreachable: build_lm_student refuses such students for token-level methods
-            raise SlmError("token-level distillation needs a shared vocabulary")
         rows = data_rows.train
-        layer_map = parse_layer_map(config.layer_map, student.config.num_hidden_layers,
-                                    teacher_model.config.num_hidden_layers) if w.hidden else []
-        cache = scorer = None
-        if config.method == "kd":
-            spec = CacheSpec(top_k=config.top_k, hidden_layers=sorted({t for _, t in layer_map}),
-                             temperature=w.temperature, vocabulary=_columns_key(columns))
-            if is_main_process():
-                build_lm_teacher_cache(teacher_model, corpus.train, spec, work / "teacher_cache.safetensors",
-                                       teacher_id=str(Path(teacher_dir).resolve()), columns=columns, bf16=bf16)
-            _wait_for_everyone()
-            cache = TeacherCache(work / "teacher_cache.safetensors")
-            teacher_hidden = teacher_model.config.hidden_size
-            del teacher_model  # the cache is all the student needs from here on
-        else:
-            if w.hidden:
-                raise SlmError("hidden-state matching needs the cached teacher (--method kd)")
-            scorer = TeacherScorer(teacher_model, columns, w.temperature, config.top_k, bf16)
-            teacher_hidden = 0
-        objective = LMDistillObjective(student, config, cache=cache, scorer=scorer, layer_map=layer_map,
-                                       teacher_hidden=teacher_hidden, pad_token_id=pad)
+        objective = _token_level_objective(student, teacher_model, teacher_dir, corpus.train, columns, config, pad)
+        del teacher_model  # the kd objective holds a cache; gkd's scorer keeps its own reference
         examples, collate = [{"input_ids": row, "index": i} for i, row in enumerate(rows)], IndexedCollator(pad)
+        if config.method == "kd":
+            timings["teacher_cache_s"] = time.perf_counter() - clock
     validation = data_rows.validation[: config.max_val_rows or None]
     evaluate_ppl = perplexity_evaluator(validation, CausalLMCollator(pad), config.train.batch_size)
+    scored = CausalLMObjective(student, precision=config.precision, attention=None)  # the student as it trains
+    clock = time.perf_counter()
     result = train(objective, examples, collate, config.train, checkpoint_dir=work / "train",
                    resume=resume and (work / "train").exists(), desc=f"distill ({config.method})",
-                   evaluate=lambda module: evaluate_ppl(CausalLMObjective(student, precision=config.precision)),
+                   evaluate=lambda _: evaluate_ppl(scored),
                    select="val_loss", higher_is_better=False, tokens_per_example=config.seq_len)
-    info.update(_run_facts(result, rows, config, teacher_dir, student, data_rows, corpus))
+    timings["distill_train_s"] = time.perf_counter() - clock
+    info.update(_run_facts(result, rows, config, student, len(data_rows.validation)), teacher=str(teacher_dir))
     if is_main_process():
         meta = {"recipe": "distill", "teacher": str(teacher_dir), "data": str(data), **info, "config": asdict(config)}
         if vocab is not None:
             meta["teacher_token_ids"] = vocab.teacher_ids
         _set_generation_config(student)
         save_decoder(student, student_tok, out_dir, meta=meta)
+    if scratch_dir is not None:
+        clock = time.perf_counter()
+        info["scratch"] = _train_scratch(student.config, student_tok, data_rows, config, scratch_train or config.train,
+                                         info["steps"], Path(scratch_dir), work, resume, pad)
+        timings["scratch_train_s"] = time.perf_counter() - clock
+    info["timings_s"] = timings
+    if is_main_process():
         shutil.rmtree(work, ignore_errors=True)
     return info
+
+
+def _token_level_objective(student: nn.Module, teacher: nn.Module, teacher_dir: Path, teacher_rows: torch.Tensor,
+                           columns: torch.Tensor | None, config: LMDistillConfig, pad: int) -> LMDistillObjective:
+    """"kd": the teacher's outputs cached once, then the teacher is no longer needed; "gkd": a live scorer."""
+    if columns is None:  # unreachable: build_lm_student refuses such students for token-level methods
+        raise SlmError("token-level distillation needs a shared vocabulary")
+    w = config.weights
+    bf16 = resolve_precision(config.precision) == "bf16"
+    layer_map = parse_layer_map(config.layer_map, student.config.num_hidden_layers,
+                                teacher.config.num_hidden_layers) if w.hidden else []
+    if config.method == "gkd":
+        if w.hidden:
+            raise SlmError("hidden-state matching needs the cached teacher (--method kd)")
+        return LMDistillObjective(student, config, scorer=TeacherScorer(teacher, columns, w.temperature, config.top_k,
+                                                                        bf16), pad_token_id=pad)
+    spec = CacheSpec(top_k=config.top_k, hidden_layers=sorted({t for _, t in layer_map}), temperature=w.temperature,
+                     vocabulary=_columns_key(columns))
+    # Keyed by the teacher's content, not its path: the cache outlives this run.
+    teacher_id = content_fingerprint(sorted(Path(teacher_dir).glob("*.safetensors")) + [Path(teacher_dir) / "config.json"])
+    if is_main_process():
+        build_lm_teacher_cache(teacher, teacher_rows, spec, teacher_id=teacher_id, columns=columns, bf16=bf16)
+    wait_for_everyone()
+    cache = TeacherCache(lm_cache_path(teacher_id, teacher_rows, spec))
+    return LMDistillObjective(student, config, cache=cache, layer_map=layer_map,
+                              teacher_hidden=teacher.config.hidden_size, pad_token_id=pad)
+
+
+def _train_scratch(student_config, tokenizer, data_rows: StudentData, config: LMDistillConfig, train_config: TrainConfig,
+                   steps: int, out_dir: Path, work: Path, resume: bool, pad: int) -> dict:
+    """The student's shape from random weights, trained on the student's rows for `steps` steps."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(train_config.seed)
+    model = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+    objective = CausalLMObjective(model, precision=config.precision)
+    collate = CausalLMCollator(pad)
+    evaluate = perplexity_evaluator(data_rows.validation[: config.max_val_rows or None], collate, train_config.batch_size)
+    train_config = replace(train_config, max_steps=steps)
+    result = train(objective, [{"input_ids": row} for row in data_rows.train], collate, train_config,
+                   checkpoint_dir=work / "scratch", resume=resume and (work / "scratch").exists(),
+                   desc="scratch baseline", evaluate=evaluate, select="val_loss", higher_is_better=False,
+                   tokens_per_example=config.seq_len)
+    facts = _run_facts(result, data_rows.train, config, model, len(data_rows.validation), train_config)
+    if is_main_process():
+        _set_generation_config(model)
+        save_decoder(model, tokenizer, out_dir, meta={"recipe": "scratch baseline", **facts,
+                                                       "train": asdict(train_config)})
+    return facts
 
 
 def _columns_key(columns: torch.Tensor) -> str:
@@ -443,15 +490,15 @@ def _set_generation_config(student: nn.Module) -> None:
     student.generation_config = GenerationConfig.from_model_config(student.config)
 
 
-def _run_facts(result: TrainResult, rows: torch.Tensor, config: LMDistillConfig, teacher_dir: Path,
-               student: nn.Module, data_rows: StudentData, corpus: PackedCorpus) -> dict:
+def _run_facts(result: TrainResult, rows: torch.Tensor, config: LMDistillConfig, model: nn.Module,
+               validation_rows: int, train_config: TrainConfig | None = None) -> dict:
+    train_config = train_config or config.train
     steps = result.history[-1]["step"] if result.history else 0
-    per_step = config.train.batch_size * config.train.grad_accum * _num_processes()
-    return {"method": config.method, "params": count_parameters(student),
-            "vocab_size": student.config.vocab_size, "train_rows": len(rows), "steps": steps,
-            "train_tokens": steps * per_step * config.seq_len,
-            "teacher_train_tokens": corpus.train_tokens, "history": result.history, "best": result.best,
-            "validation_rows": len(data_rows.validation), "step_ends_s": result.step_ends}
+    per_step = train_config.batch_size * train_config.grad_accum * _num_processes()
+    return {"method": config.method, "params": count_parameters(model), "vocab_size": model.config.vocab_size,
+            "train_rows": len(rows), "steps": steps, "train_tokens": steps * per_step * config.seq_len,
+            "tokens_per_step": per_step * config.seq_len, "history": result.history, "best": result.best,
+            "validation_rows": validation_rows, "step_ends_s": result.step_ends}
 
 
 def _num_processes() -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from smallmighty.data.arguments import add_data_arguments, load_data_from_args
+from smallmighty.distill.lm_commands import EXAMPLES as CAUSAL_LM_EXAMPLES
+from smallmighty.distill.lm_commands import add_causal_lm_arguments, fill_task_defaults, is_causal_lm_task
 from smallmighty.evaluate.commands import add_evaluation_arguments
 from smallmighty.train.arguments import (
     add_chat_tuning_arguments,
@@ -30,26 +32,36 @@ The teacher answers each prompt of --data (its conversations without their last 
 engine, batched; the answers are cached in <out>/teacher_answers.jsonl; the student is tuned on them
 and scored before and after on held-out prompts (ROUGE-L against the teacher, perplexity on its
 answers), answers side by side in <out>/report.html.
-"""
+
+""" + CAUSAL_LM_EXAMPLES
 
 
 def register(subparsers) -> None:
-    sub = subparsers.add_parser("distill", help="distil a teacher classifier into a small, fast student",
+    sub = subparsers.add_parser("distill", help="distil a teacher classifier or causal LM into a small, fast student",
                                 description="Distil an encoder classifier into a small student: soft-logit KD, "
                                             "hidden-state and attention-map transfer, layer maps, optional "
-                                            "TinyBERT-style two stages. Writes the student as a standard Hugging "
-                                            "Face folder and a report card (report.json, report.html).",
+                                            "TinyBERT-style two stages; or a causal LM: token-level KD (forward "
+                                            "KL, reverse KL, generalised JSD), on-policy GKD or sequence-level KD. "
+                                            "Writes the student as a standard Hugging Face folder and a report card "
+                                            "(report.json, report.html).",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--teacher", default=None,
                      help="teacher: a fine-tuned classifier folder, or any encoder (folder or hub id) to fine-tune "
-                          "first (default: MiniLM-L6-H384 from PyPI)")
+                          "first (default: MiniLM-L6-H384 from PyPI); or a causal LM (GGUF file, folder or hub id; "
+                          "default with --task lm: SmolLM2-135M-Instruct from PyPI)")
     sub.add_argument("--out", default="runs/distill", help="output folder (default: runs/distill)")
-    sub.add_argument("--method", choices=["kd", "answers"], default="kd",
-                     help="kd: a classifier student learns the teacher's logits; answers: a causal-LM student is "
-                          "tuned on the teacher's answers to the prompts of --data (default: kd)")
+    sub.add_argument("--method", choices=["kd", "gkd", "sequence", "answers"], default="kd",
+                     help="kd: the student learns the teacher's logits (a classifier's, or a causal LM's cached "
+                          "top-k next-token distributions); gkd: causal LMs, on-policy, the teacher scores the "
+                          "student's own samples for a share of the steps; sequence: causal LMs, the student "
+                          "learns the teacher's continuations of the corpus (works across tokenizers); answers: a "
+                          "causal-LM student is tuned on the teacher's answers to the prompts of --data "
+                          "(default: kd)")
+    sub.add_argument("--student", default=None,
+                     help="a causal-LM student to start from (folder, .gguf or hub id): for --method answers "
+                          "(default: SmolLM2-135M-Instruct), or for kd, gkd and sequence instead of cutting one "
+                          "out of the teacher (e.g. a model made by slm pretrain)")
     answers = sub.add_argument_group("learning from answers (--method answers)")
-    answers.add_argument("--student", default=None,
-                         help="student causal LM (folder, .gguf or hub id; default: SmolLM2-135M-Instruct)")
     answers.add_argument("--teacher-system", default=None, metavar="TEXT",
                          help="system prompt only the teacher sees, e.g. asking for careful step-by-step answers; "
                               "the student's training data leaves it out (Orca 2's prompt erasure)")
@@ -58,7 +70,8 @@ def register(subparsers) -> None:
                          help="a jinja chat template for a teacher that has none (a base model), e.g. "
                               "recipes/chat_templates/gemma.jinja")
     answers.add_argument("--teacher-precision", choices=["fp32", "int8", "int4"], default="int8",
-                         help="the teacher's weights in our engine (default: int8)")
+                         help="the teacher's weights in our engine while it generates (answers and sequence) "
+                              "(default: int8)")
     add_chat_tuning_arguments(sub)
     sub.add_argument("--teacher-epochs", type=int, default=3,
                      help="epochs when the teacher must be fine-tuned first (default: 3)")
@@ -96,6 +109,7 @@ def register(subparsers) -> None:
     add_evaluation_arguments(sub.add_argument_group("evaluation"))
     add_data_arguments(sub)
     add_train_arguments(sub, epochs=10, lr=5e-4)
+    add_causal_lm_arguments(sub)
     sub.set_defaults(handler=run, subparser=sub)
 
 
@@ -109,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     from smallmighty.models.encoder import StudentShape
 
     apply_recipe(args, args.subparser)
+    if is_causal_lm_task(args):
+        from smallmighty.distill.lm_commands import run_causal_lm
+
+        return run_causal_lm(args)
+    fill_task_defaults(args, "classify")
     train_data, test_data = load_data_from_args(args)
     config = DistillConfig(
         shape=StudentShape(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
@@ -137,6 +156,7 @@ def run_answers(args: argparse.Namespace) -> int:
     from smallmighty.train.arguments import lora_settings_from_args
 
     apply_recipe(args, args.subparser)
+    fill_task_defaults(args, "answers")
     if not args.data:
         raise SlmError("--method answers needs --data: chat JSONL whose prompts the teacher answers")
     prompts = prompts_of(load_chat(args.data))
@@ -150,12 +170,11 @@ def run_answers(args: argparse.Namespace) -> int:
     print(f"prompts: {len(train)} train / {len(val)} validation / {len(test)} held out ({args.data})")
     parser = args.subparser
     lora = lora_settings_from_args(args)
-    # The classifier defaults (10 epochs at 5e-4) would overfit a few hundred answers.
-    epochs = 3 if args.epochs == parser.get_default("epochs") else args.epochs
-    lr = (1e-3 if lora else 1e-4) if args.lr == parser.get_default("lr") else args.lr
+    # The classifier defaults (10 epochs at 5e-4) would overfit a few hundred answers (see TASK_DEFAULTS).
+    lr = args.lr if args.lr is not None else 1e-3 if lora else 1e-4
     max_length = 512 if args.max_length == parser.get_default("max_length") else args.max_length
     config = train_config_from_args(args)
-    config.epochs, config.lr, config.schedule = epochs, lr, "cosine"
+    config.lr, config.schedule = lr, "cosine"
     template = None
     if args.teacher_chat_template:
         try:

@@ -20,28 +20,12 @@ from typing import Any
 from smallmighty.data.chat import encode_conversations
 from smallmighty.distill.answers import Answer, TeacherSettings, answers_as_chat, teacher_answers
 from smallmighty.evaluate.answers import answers_card, write_answers_report
-from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm
+from smallmighty.models.causal_lm import count_parameters_on_disk, load_hf_causal_lm, resolve_causal_lm
 from smallmighty.models.lora import LoraSettings
 from smallmighty.train.chat import answer_perplexity, finetune_chat
 from smallmighty.train.loop import TrainConfig, is_main_process
 
 Prompt = list[dict[str, str]]
-
-
-def count_parameters_on_disk(model_dir: str | Path) -> int:
-    """Parameters stored in a folder's safetensors files (tied weights are stored, and counted, once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                total += n
-    return total
 
 
 def score_student(model: str | Path | None, prompts: list[Prompt], references: list[Answer], cache_path: Path,

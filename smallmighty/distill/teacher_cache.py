@@ -9,7 +9,8 @@ fingerprint differs is rebuilt instead of silently reused.
 
 Causal LMs (`build_lm_teacher_cache`) store the same per token instead of per example: each
 position's next-token distribution as top-k log-probabilities plus the log of the remaining mass
-(`lm_losses.TeacherTopK`), at the distillation temperature, over the student's vocabulary.
+(`lm_losses.TeacherTopK`), at the distillation temperature, over the student's vocabulary. That file
+lives in smallmighty's cache (`lm_cache_path`), where later runs on the same corpus find it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from smallmighty.distill.lm_losses import teacher_topk
+from smallmighty.cache import cache_dir
 from smallmighty.io import atomic_path
 
 
@@ -96,6 +99,15 @@ class TeacherCache:
         return out
 
 
+def _reusable(path: Path, fp: str) -> TeacherCache | None:
+    """The cache at `path` if it was made from the same teacher, inputs and settings (fingerprint `fp`)."""
+    if path.exists():
+        cache = TeacherCache(path)
+        if cache.fingerprint == fp:
+            return cache
+    return None
+
+
 @torch.inference_mode()
 def build_teacher_cache(teacher: nn.Module, token_ids: list[list[int]], pad_token_id: int, spec: CacheSpec,
                         path: Path, *, teacher_id: str, batch_size: int = 64) -> TeacherCache:
@@ -104,10 +116,8 @@ def build_teacher_cache(teacher: nn.Module, token_ids: list[list[int]], pad_toke
     Reuses an existing cache at `path` when its fingerprint matches.
     """
     fp = fingerprint(teacher_id, token_ids, spec)
-    if path.exists():
-        cache = TeacherCache(path)
-        if cache.fingerprint == fp:
-            return cache
+    if (cache := _reusable(path, fp)) is not None:
+        return cache
     teacher.eval()
     device = next(teacher.parameters()).device
     lengths = torch.tensor([len(ids) for ids in token_ids])
@@ -149,24 +159,28 @@ def build_teacher_cache(teacher: nn.Module, token_ids: list[list[int]], pad_toke
     return TeacherCache(path)
 
 
+def lm_cache_path(teacher_id: str, rows: torch.Tensor, spec: CacheSpec) -> Path:
+    """Where a causal-LM teacher's outputs for `rows` and `spec` are kept: in smallmighty's cache, named
+    by their fingerprint, so another student (or a rerun) distilled from the same teacher, corpus and
+    settings reuses the teacher's pass instead of paying for it again."""
+    return cache_dir("teacher_outputs") / f"{fingerprint(teacher_id, rows.tolist(), spec)}.safetensors"
+
+
 @torch.inference_mode()
-def build_lm_teacher_cache(teacher: nn.Module, rows: torch.Tensor, spec: CacheSpec, path: Path, *,
-                           teacher_id: str, columns: torch.Tensor | None = None, batch_size: int = 4,
-                           bf16: bool = False) -> TeacherCache:
+def build_lm_teacher_cache(teacher: nn.Module, rows: torch.Tensor, spec: CacheSpec, *, teacher_id: str,
+                           columns: torch.Tensor | None = None, batch_size: int = 4, bf16: bool = False) -> TeacherCache:
     """Run a causal-LM teacher once over `rows` [N, seq_len] (teacher ids) and store, per position,
     `lm_losses.teacher_topk` at `spec.temperature` over the student ids `columns` (None: the
-    teacher's own vocabulary), plus the hidden states `spec.hidden_layers` asks for.
+    teacher's own vocabulary), plus the hidden states `spec.hidden_layers` asks for, at
+    `lm_cache_path` (reused when it is already there).
 
     `bf16` runs the teacher under bf16 autocast (about 2x faster on CPUs with native bf16; the
-    stored figures stay float32). Reuses an existing cache at `path` when its fingerprint matches.
+    stored figures stay float32).
     """
-    from smallmighty.distill.lm_losses import teacher_topk
-
     fp = fingerprint(teacher_id, rows.tolist(), spec)
-    if path.exists():
-        cache = TeacherCache(path)
-        if cache.fingerprint == fp:
-            return cache
+    path = cache_dir("teacher_outputs") / f"{fp}.safetensors"
+    if (cache := _reusable(path, fp)) is not None:
+        return cache
     teacher.eval()
     device = next(teacher.parameters()).device
     n, length = rows.shape

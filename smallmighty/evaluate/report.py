@@ -339,13 +339,15 @@ def _best(models: list[dict], key: str | None, direction: int) -> float | None:
     return max(values) if direction > 0 else min(values)
 
 
-def _models_table(models: list[dict]) -> str:
-    best = {key: _best(models, key, d) for _, _, key, d in _COLUMNS}
-    head = "".join(f'<th class="{"text" if i < 3 else ""}">{_e(h)}</th>' for i, (h, *_) in enumerate(_COLUMNS))
+def _models_table(models: list[dict], columns: list[tuple[str, Callable[[dict], str], str | None, int]] = _COLUMNS
+                  ) -> str:
+    """An HTML table of `models`, one row each; `columns` as `_COLUMNS` (name, role and runtime first)."""
+    best = {key: _best(models, key, d) for _, _, key, d in columns}
+    head = "".join(f'<th class="{"text" if i < 3 else ""}">{_e(h)}</th>' for i, (h, *_) in enumerate(columns))
     rows = []
     for model in models:
         cells = []
-        for i, (_, fmt, key, _) in enumerate(_COLUMNS):
+        for i, (_, fmt, key, _) in enumerate(columns):
             text = _e(fmt(model))
             if i == 1:
                 text = f'<span class="role" style="background:{ROLE_COLOURS[model["role"]]}">{text}</span>'
@@ -374,40 +376,49 @@ def _definition_list(data: dict) -> str:
 
 def render_html(card: dict, summary: dict) -> str:
     """The whole report page as one self-contained HTML string."""
-    task = card.get("task") or {}
-    task_line = ", ".join(f"{_e(k.replace('_', ' '))}: {_e(v)}" for k, v in task.items())
     comparisons = ""
     if summary["comparisons"]:
         comparisons = ("<h2>Compared with the teacher</h2><p>Ratios above 1 favour the model: accuracy kept is "
                        "model/teacher; speedup, fewer params, less disk and less RAM are teacher/model; throughput is "
                        "model/teacher.</p>" + _comparison_table(summary["comparisons"]))
+    return page(card, summary, models_note="Latency is per query at batch 1; throughput is batched.",
+                models_table=_models_table(card["models"]), comparisons=comparisons, charts=_charts(card["models"]))
+
+
+def page(card: dict, summary: dict, *, models_note: str, models_table: str, comparisons: str,
+         charts: list[tuple[str, str]]) -> str:
+    """The report page around its parts: title, task, headline, the models table and comparisons (HTML),
+    charts ((caption, base64 PNG) pairs), hardware and training, as one self-contained document."""
     figures = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{_e(caption)}">'
-                      f"<figcaption>{_e(caption)}</figcaption></figure>"
-                      for caption, png in _charts(card["models"]))
+                      f"<figcaption>{_e(caption)}</figcaption></figure>" for caption, png in charts)
+    task_line = ", ".join(f"{_e(k.replace('_', ' '))}: {_e(v)}" for k, v in (card.get("task") or {}).items())
     title = _e(card.get("title") or "Model report")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_CSS}</style></head><body>\n<h1>{title}</h1>\n<p class=\"task\">{task_line}</p>\n"
             f'<p class="headline">{_e(summary["headline"])}</p>\n'
-            f"<h2>Models</h2><p>Best value in each column in bold green. Latency is per query at batch 1; "
-            f"throughput is batched.</p>{_models_table(card['models'])}\n{comparisons}\n{cost_html(card)}\n"
-            f"<h2>Charts</h2>{figures}\n"
+            f"<h2>Models</h2><p>Best value in each column in bold green. {_e(models_note)}</p>{models_table}\n"
+            f"{comparisons}\n{cost_html(card)}\n<h2>Charts</h2>{figures}\n"
             f"<h2>Hardware</h2>{_definition_list(card.get('hardware') or {})}\n"
             f"<h2>Training</h2>{_definition_list(card.get('training') or {})}\n</body></html>\n")
 
 
-def write_report(out_dir: str | Path, card: dict) -> tuple[Path, Path]:
-    """Write `report.json` (the card plus its summary) and a self-contained `report.html` into `out_dir`."""
+def write_report(out_dir: str | Path, card: dict, *, summarize: Callable[[dict], dict] = summarize,
+                 render: Callable[[dict, dict], str] = render_html) -> tuple[Path, Path]:
+    """Write `report.json` (the card plus its summary) and a self-contained `report.html` into `out_dir`.
+
+    `summarize` and `render` default to the classifiers' card; other cards (causal LMs) pass theirs."""
     summary = summarize(card)
     out_dir = Path(out_dir)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     write_json(json_path, {**card, "summary": summary})
-    write_text(html_path, render_html(card, summary))
+    write_text(html_path, render(card, summary))
     return json_path, html_path
 
 
-def publish(out_dir: str | Path, card: dict) -> dict:
+def publish(out_dir: str | Path, card: dict, *, summarize: Callable[[dict], dict] = summarize,
+            render: Callable[[dict, dict], str] = render_html, table: Callable[[dict], str] = format_table) -> dict:
     """Write the report files, print the card's tables and where the report is; returns the summary."""
-    json_path, html_path = write_report(out_dir, card)
-    print(format_table(card))
+    json_path, html_path = write_report(out_dir, card, summarize=summarize, render=render)
+    print(table(card))
     print(f"report: {html_path} (and {json_path})")
     return summarize(card)

@@ -127,25 +127,35 @@ def profile_classifier(model_dir: str, runtime: str, texts: list[str], *, batch_
         import torch
 
         threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="slm-profile-") as tmp:
+        texts_file = Path(tmp) / "texts.json"
+        write_text(texts_file, json.dumps(list(texts)))
+        return run_child("smallmighty.evaluate.speed",
+                         ["--model", str(model_dir), "--runtime", runtime, "--texts", str(texts_file),
+                          "--batch-size", str(batch_size), "--max-latency-items", str(max_latency_items),
+                          "--threads", str(threads), "--loader", loader or DEFAULT_LOADER],
+                         what=f"profiling {model_dir} ({runtime})")
+
+
+def run_child(module: str, args: list[str], *, what: str) -> dict:
+    """Run `python -m module *args --out FILE` in a fresh process and return the JSON it writes.
+
+    The child exits with `USER_ERROR_STATUS` and an "error: ..." line for a user's mistake, which
+    becomes an `SlmError` here; any other failure is a crash, reported with the child's stderr.
+    """
     # The child must import this very package, even when it is not installed (a checkout on PYTHONPATH).
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    with tempfile.TemporaryDirectory(prefix="slm-profile-") as tmp:
-        texts_file, out_file = Path(tmp) / "texts.json", Path(tmp) / "result.json"
-        write_text(texts_file, json.dumps(list(texts)))
-        cmd = [sys.executable, "-m", "smallmighty.evaluate.speed", "--model", str(model_dir), "--runtime", runtime,
-               "--texts", str(texts_file), "--batch-size", str(batch_size),
-               "--max-latency-items", str(max_latency_items), "--threads", str(threads),
-               "--loader", loader or DEFAULT_LOADER,
-               "--out", str(out_file)]
+    with tempfile.TemporaryDirectory(prefix="slm-child-") as tmp:
+        out_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", module, *args, "--out", str(out_file)]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode == USER_ERROR_STATUS:
             lines = proc.stderr.strip().splitlines()
-            raise SlmError(lines[-1].removeprefix("error: ") if lines else f"profiling {model_dir} failed")
+            raise SlmError(lines[-1].removeprefix("error: ") if lines else f"{what} failed")
         if proc.returncode != 0:
-            raise SlmError(f"profiling {model_dir} ({runtime}) failed: the child process "
-                           f"{_how_it_ended(proc.returncode, proc.stderr)}")
+            raise SlmError(f"{what} failed: the child process {_how_it_ended(proc.returncode, proc.stderr)}")
         return json.loads(out_file.read_text(encoding="utf-8"))
 
 

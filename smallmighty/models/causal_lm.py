@@ -14,6 +14,7 @@ of those into the folder:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -155,3 +156,41 @@ def _download(repo_id: str) -> Path:
         raise SlmError(f"'{repo_id}' is not a local path and could not be downloaded from the "
                        f"Hugging Face hub ({reason}); pass a local .gguf file or model folder instead") from exc
     return _check_hf_dir(directory)
+
+
+def is_causal_lm(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` names a causal language model (so `slm distill` takes its causal-LM path).
+
+    A GGUF file always is; a folder or hub id is when its config lists a `...ForCausalLM` or
+    `...LMHeadModel` architecture. Reads only config.json (a hub id's from the local hub cache or,
+    failing that, the hub), so it stays cheap enough to decide between commands.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return True
+    config_file = path / "config.json"
+    if not path.exists() and _HUB_ID.match(str(name_or_path)):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config_file = Path(hf_hub_download(str(name_or_path), "config.json"))
+        except Exception:  # noqa: BLE001 - unreachable or unknown: not something we can call a causal LM
+            return False
+    try:
+        architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def count_parameters_on_disk(model_dir: str | os.PathLike) -> int:
+    """Parameters stored in a folder's safetensors files (tied weights are stored, and counted, once);
+    reads only the files' headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total

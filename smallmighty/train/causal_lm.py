@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smallmighty.data.chat import IGNORE_INDEX  # a position that is not a target (padding, a chat prompt)
 from smallmighty.errors import SlmError
 
-#: Label of a position that is not a target (padding, a prompt in chat fine-tuning).
-IGNORE_INDEX = -100
 PRECISIONS = ("auto", "bf16", "fp32")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from smallmighty.data.chat import IGNORE, ChatData, encode_conversations, pack_examples
+from smallmighty.data.chat import IGNORE_INDEX, ChatData, encode_conversations, pack_examples
 from smallmighty.models.causal_lm import load_hf_causal_lm
 from smallmighty.models.decoder import save_decoder
 from smallmighty.models.encoder import count_parameters
@@ -67,7 +67,7 @@ def finetune_chat(model_name_or_path: str | None, train_data: ChatData, out_dir:
     evaluate = None
     if validation is not None:
         evaluate = perplexity_evaluator(encode_conversations(tokenizer, validation, max_length, strict=strict), collate)
-    tokens = sum(int(sum(1 for t in r["labels"] if t != IGNORE)) for r in rows)
+    tokens = sum(int(sum(1 for t in r["labels"] if t != IGNORE_INDEX)) for r in rows)
     print(f"chat fine-tuning: {len(examples)} conversations ({tokens} assistant tokens) in {len(rows)} rows of "
           f"<= {max_length} tokens; {'LoRA' if lora else 'all'} weights, "
           f"{trainable_parameters(model):,} of {params:,} parameters train")

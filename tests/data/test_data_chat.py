@@ -13,7 +13,7 @@ from tiny_llama import write_tiny_llama
 
 from smallmighty.data.chat import (
     ENDS_ON_USER,
-    IGNORE,
+    IGNORE_INDEX,
     NO_ANSWER,
     TOO_LONG,
     encode_conversations,
@@ -237,9 +237,9 @@ def test_a_packed_row_gives_each_conversation_the_logits_it_has_alone(tmp_path) 
     from smallmighty.train.causal_lm import CausalLMCollator
 
     model = AutoModelForCausalLM.from_pretrained(write_tiny_llama(tmp_path / "m")).eval()
-    examples = [{"input_ids": [5, 9, 12, 40, 7], "labels": [IGNORE] * 5}, {"input_ids": [3, 8, 22], "labels": [IGNORE] * 3}]
+    examples = [{"input_ids": [5, 9, 12, 40, 7], "labels": [IGNORE_INDEX] * 5}, {"input_ids": [3, 8, 22], "labels": [IGNORE_INDEX] * 3}]
     (row,) = pack_examples(examples, max_length=16)
-    batch = CausalLMCollator(pad_token_id=2)([row, {"input_ids": [1], "labels": [IGNORE]}])  # padded to 8
+    batch = CausalLMCollator(pad_token_id=2)([row, {"input_ids": [1], "labels": [IGNORE_INDEX]}])  # padded to 8
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in examples]

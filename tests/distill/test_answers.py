@@ -92,7 +92,7 @@ def test_another_teacher_or_setting_starts_afresh(teacher, tmp_path, monkeypatch
     teacher_answers(str(other_teacher), PROMPTS, cache, settings)
     assert len(counting.asked) == 3
     expected = {"settings": "settings", "system prompt": "settings", "teacher": "teacher and fingerprint"}[change]
-    assert f"the teacher's {expected} changed; answering afresh" in capsys.readouterr().err
+    assert f"the teacher's {expected} changed; generating afresh" in capsys.readouterr().err
     assert len(cache.read_text().splitlines()) == 4  # the old answers are gone
 
 

@@ -330,7 +330,7 @@ def teacher_continuations(teacher_dir: Path, prompts: torch.Tensor, new_tokens: 
         engine = Engine.from_pretrained(teacher_dir, precision=config.teacher_precision)
         engine.eos_token_ids = set()  # continue every prompt for exactly `new_tokens` tokens
         sampling = GenerationSettings(max_new_tokens=new_tokens, temperature=config.sample_temperature,
-                                      seed=config.train.seed + len(texts))
+                                      seed=config.train.seed)
         ids = [prompts[i].tolist() for i in missing]
         with open(path, "a", encoding="utf-8") as out:
             for j, new in generate_in_batches(engine, ids, sampling, batch_size, "teacher continuations"):

@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from smallmighty.distill.lm_losses import teacher_topk
 from smallmighty.cache import cache_dir
+from smallmighty.distill.lm_losses import teacher_topk
 from smallmighty.io import atomic_path
 
 
@@ -178,7 +178,7 @@ def build_lm_teacher_cache(teacher: nn.Module, rows: torch.Tensor, spec: CacheSp
     stored figures stay float32).
     """
     fp = fingerprint(teacher_id, rows.tolist(), spec)
-    path = cache_dir("teacher_outputs") / f"{fp}.safetensors"
+    path = lm_cache_path(teacher_id, rows, spec)
     if (cache := _reusable(path, fp)) is not None:
         return cache
     teacher.eval()

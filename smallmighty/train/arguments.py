@@ -81,7 +81,7 @@ def lora_settings_from_args(args: argparse.Namespace):
 AUTO_EPOCHS = ("auto: a step budget from the data size (at least 600 steps, at most 3,000), stopped early on "
                "the validation split")
 AUTO_LENGTH = ("auto: 64 or 128, whichever holds 95%% of the training texts; longer texts are read at inference as "
-               "up to 4 windows of it, their logits averaged")
+               "up to 4 windows of it, their logits averaged. A length given here reads the first N tokens")
 
 
 def train_config_from_args(args: argparse.Namespace, *, budget=None, n_examples: int = 0, mean_tokens: float = 0.0,

@@ -14,6 +14,11 @@ Layouts, tried in this order:
 
 A `labels.json` (a JSON list of names) beside the data fixes the label order; otherwise the names
 are the sorted distinct training labels, so the same data always gives the same label indices.
+
+Every choice a command makes (how long to train, which checkpoint to keep, the baseline's
+regularisation) is made on a validation split, never on test: `load_labelled_data` returns train,
+validation and test, the validation split being the data's own (`validation.jsonl`, `dev`, ...) when it
+has one, else a stratified, seeded share of the training data.
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".txt", ".parquet"}
 _INTEGER = re.compile(r"-?\d+")
 _MISSING = object()
+#: Split names taken as the data's own validation split when none is named, in this order.
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "dev", "val")
+#: A validation split carved from training data holds at most this many examples: enough to tell
+#: settings apart (one example is 0.05 points), while the rest stays for training.
+MAX_CARVED_VALIDATION = 2000
 
 
 @dataclass
@@ -55,6 +65,20 @@ class LabelledTexts:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+@dataclass
+class LabelledSplits:
+    """One task's train, validation and test splits, sharing `label_names`.
+
+    `validation_origin` says where the validation split came from, for reports that record which
+    split chose what.
+    """
+
+    train: LabelledTexts
+    validation: LabelledTexts
+    test: LabelledTexts
+    validation_origin: str
 
 
 @dataclass
@@ -141,6 +165,70 @@ def load_labelled_splits(
     else:
         raise SlmError(f"no such file or folder: {source}")
     return _subsample(train, max_train, loader.rng), _subsample(test, max_test, loader.rng)
+
+
+def load_labelled_data(
+    source: str | Path, *, validation_split: str | None = None, validation_fraction: float = 0.1,
+    train_split: str = "train", test_split: str = "test", text_field: str = "text", label_field: str = "label",
+    test_fraction: float = 0.2, seed: int = 0, max_train: int | None = None, max_test: int | None = None,
+) -> LabelledSplits:
+    """Load train, validation and test splits (see `load_labelled_splits` for the other options).
+
+    The validation split is `validation_split` when given, else the data's own split named one of
+    `VALIDATION_SPLIT_NAMES` if it has one (subsampled like test by `max_test`); otherwise a stratified,
+    seeded `validation_fraction` of the training examples (at most `MAX_CARVED_VALIDATION`), carved
+    after `max_train` has been applied, so the three splits never share an example.
+    """
+    if not 0 < validation_fraction < 1:
+        raise SlmError(f"validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction}")
+    options = dict(train_split=train_split, text_field=text_field, label_field=label_field,
+                   test_fraction=test_fraction, seed=seed, max_train=max_train, max_test=max_test)
+    train, test = load_labelled_splits(source, test_split=test_split, **options)
+    named = validation_split or _own_validation_split(source, exclude=(train_split, test_split))
+    if named:
+        _, validation = load_labelled_splits(source, test_split=named, **options)
+        return LabelledSplits(train, validation, test, f"the data's own split '{named}' ({validation.source})")
+    fraction = min(validation_fraction, MAX_CARVED_VALIDATION / len(train))
+    train, validation = split_off_validation(train, fraction, seed)
+    return LabelledSplits(train, validation, test,
+                          f"{len(validation)} of the {len(train) + len(validation)} training examples "
+                          f"(stratified, seed {seed})")
+
+
+def split_off_validation(data: LabelledTexts, fraction: float, seed: int) -> tuple[LabelledTexts, LabelledTexts]:
+    """(rest, validation): a stratified, seeded `fraction` of `data` held out, both in the original order."""
+    names = [data.label_names[i] for i in data.labels]
+    keep, held_out = _stratified_split(names, fraction, random.Random(f"validation-{seed}"))
+    if not held_out:
+        raise SlmError(f"{data.source}: too few examples ({len(data)}) to hold out a validation split; add data "
+                       "or name a validation split")
+
+    def pick(indices: list[int], source: str) -> LabelledTexts:
+        return LabelledTexts([data.texts[i] for i in indices], [data.labels[i] for i in indices],
+                             list(data.label_names), source)
+
+    return pick(keep, data.source), pick(held_out, f"{data.source} [validation share]")
+
+
+def _own_validation_split(source: str | Path, exclude: tuple[str, ...]) -> str | None:
+    """The name of the data's own validation split, if it is a folder of split files or a saved
+    DatasetDict with one (for a Hub dataset, name it with `validation_split`)."""
+    path = Path(source).expanduser()
+    names: set[str] = set()
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        names = set(_saved_split_names(path / "dataset_dict.json"))
+    elif path.is_dir():
+        names = {p.stem for p in path.iterdir() if p.is_file() and p.suffix.lower() in _TABLE_DELIMITERS}
+    return next((name for name in VALIDATION_SPLIT_NAMES if name in names and name not in exclude), None)
+
+
+def _saved_split_names(path: Path) -> list[str]:
+    """The split names listed in a `datasets` dataset_dict.json."""
+    try:
+        splits = json.loads(path.read_text()).get("splits", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return [name for name in splits if isinstance(name, str)]
 
 
 @dataclass
@@ -376,16 +464,27 @@ def _stratified_split(labels: Sequence[str], test_fraction: float,
                       rng: random.Random) -> tuple[list[int], list[int]]:
     """Per label (in sorted order), shuffle its rows and hold out round(fraction * count) of them.
 
-    Every label keeps at least one training example, and both splits stay in file order.
+    Every label keeps at least one training example, and both splits stay in file order. Labels too
+    rare for their rounded share (many labels with a few examples each) would otherwise all give
+    none, leaving the held-out split empty: a seeded draw of them gives one example each, as many
+    as their combined share.
     """
     by_label: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         by_label.setdefault(label, []).append(i)
     held_out: set[int] = set()
+    rare: list[list[int]] = []
     for label in _sorted_names(by_label):
         members = by_label[label]
         rng.shuffle(members)
-        held_out.update(members[:min(round(test_fraction * len(members)), len(members) - 1)])
+        share = min(round(test_fraction * len(members)), len(members) - 1)
+        held_out.update(members[:share])
+        if share == 0 and len(members) > 1:
+            rare.append(members)
+    if rare:
+        rng.shuffle(rare)
+        for members in rare[:round(test_fraction * sum(len(m) for m in rare))]:
+            held_out.add(members[0])
     train = [i for i in range(len(labels)) if i not in held_out]
     return train, sorted(held_out)
 

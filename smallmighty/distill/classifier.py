@@ -43,7 +43,8 @@ from smallmighty.models.encoder import (
 )
 from smallmighty.models.layer_map import parse_layer_map
 from smallmighty.train.batching import Collator, encode_texts, make_examples
-from smallmighty.train.finetune import checkpoint_dir_for
+from smallmighty.metrics import selection_metric
+from smallmighty.train.finetune import checkpoint_dir_for, selection_record, validation_scorer
 from smallmighty.train.loop import TrainConfig, is_main_process, train
 
 #: Label of an augmented example: the cross-entropy term skips it.
@@ -62,6 +63,7 @@ class DistillConfig:
     intermediate_lr: float | None = None
     top_k: int = 16
     max_length: int = 64
+    windows: int = 1  # windows of max_length tokens the student reads of a long text at inference
     augment: int = 0  # perturbed copies of each training text, labelled by the teacher only
 
     def validate(self) -> None:
@@ -75,6 +77,8 @@ class DistillConfig:
             raise SlmError(f"intermediate_epochs must be >= 0, got {self.intermediate_epochs}")
         if self.max_length < 8:
             raise SlmError(f"max_length must be at least 8, got {self.max_length}")
+        if self.windows < 1:
+            raise SlmError(f"windows must be at least 1, got {self.windows}")
 
 
 class DistillObjective(nn.Module):
@@ -128,10 +132,12 @@ def _use_eager_attention(model: nn.Module) -> None:
 
 
 def distill_classifier(teacher_dir: str, train_data: LabelledTexts, out_dir: str | Path,
-                       config: DistillConfig, *, resume: bool = False) -> dict:
+                       config: DistillConfig, *, validation: LabelledTexts, resume: bool = False) -> dict:
     """Distil the fine-tuned classifier in `teacher_dir` into a student saved at `out_dir`.
 
-    Returns facts about the run (student shape, parameter counts, vocabulary size, stages).
+    The prediction stage is scored on `validation` as it trains, and the student saved is the
+    best-scoring one (macro-F1 on imbalanced labels, else accuracy). Returns facts about the run
+    (student shape, parameter counts, vocabulary size, stages, what chose the weights).
     """
     config.validate()
     out_dir = Path(out_dir)
@@ -181,18 +187,23 @@ def distill_classifier(teacher_dir: str, train_data: LabelledTexts, out_dir: str
                                        attention=max(config.weights.attention, 1.0),
                                        temperature=config.weights.temperature)
         stages.append(("intermediate", stage_weights,
-                       replace(config.train, epochs=config.intermediate_epochs,
-                               lr=config.intermediate_lr or config.train.lr)))
+                       replace(config.train, epochs=config.intermediate_epochs, max_steps=0, eval_every=0,
+                               patience=0, lr=config.intermediate_lr or config.train.lr)))
     stages.append(("prediction", config.weights, config.train))
+    metric = selection_metric(train_data.labels, len(train_data.label_names))
     for name, weights, train_config in stages:
         objective.weights = weights
         _freeze_unused(objective, weights)
-        train(objective, examples, collate, train_config, checkpoint_dir=work / f"stage-{name}",
-              resume=resume and (work / f"stage-{name}").exists(), desc=f"distill ({name})")
-    info.update(stages=[n for n, _, _ in stages], layer_map=layer_map, config=asdict(config))
+        # Only the prediction stage makes predictions worth scoring; it keeps its best weights.
+        scored = dict(evaluate=validation_scorer(lambda m: m.student, student_tokenizer, validation,
+                                                 config.max_length), select=metric) if name == "prediction" else {}
+        result = train(objective, examples, collate, train_config, checkpoint_dir=work / f"stage-{name}",
+                       resume=resume and (work / f"stage-{name}").exists(), desc=f"distill ({name})", **scored)
+    info.update(stages=[n for n, _, _ in stages], layer_map=layer_map, config=asdict(config),
+                selection=selection_record(result, metric, validation, config.train))
     if is_main_process():
         save_classifier(student, student_tokenizer, out_dir, max_length=config.max_length,
-                        meta={"recipe": "distill", "teacher": str(teacher_dir), **info,
+                        meta={"recipe": "distill", "teacher": str(teacher_dir), "windows": config.windows, **info,
                               "params": count_parameters(student), "train_examples": len(train_data),
                               "data": train_data.source})
         shutil.rmtree(work, ignore_errors=True)

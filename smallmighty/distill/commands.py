@@ -16,13 +16,16 @@ from smallmighty.train.arguments import (
 )
 
 EXAMPLES = """examples:
-  slm distill                                   # MiniLM-L6 -> 2-layer student on BBC News, report in runs/distill
+  slm distill                                   # MiniLM-L6 -> 4-layer student on BBC News, report in runs/distill
   slm distill --data ../shared/datasets/banking77 --teacher runs/banking77-teacher --layers 2 --hidden 256
   slm distill --intermediate-epochs 3 --alpha-hidden 1 --alpha-attention 1   # TinyBERT-style two stages
   slm distill --recipe recipes/banking77.json --resume                       # continue a killed run
 
 The teacher is fine-tuned on the task first when its classification head does not match the data's
-labels (so a base encoder such as the default MiniLM works out of the box).
+labels (so a base encoder such as the default MiniLM works out of the box). Training lengths, the
+checkpoints kept and the baseline's regularisation are all chosen on a validation split (the data's
+own, or 10% of the training data); the test split is scored once, at the end. The report's headline
+says which model to use: when the TF-IDF baseline scores at least as well as the student, it says so.
 
 Learning from a teacher's answers (Orca 2 style; any two causal LMs, no shared vocabulary needed):
   slm distill --method answers --student runs/student --data prompts.jsonl --lora
@@ -73,19 +76,20 @@ def register(subparsers) -> None:
                          help="the teacher's weights in our engine while it generates (answers and sequence) "
                               "(default: int8)")
     add_chat_tuning_arguments(sub)
-    sub.add_argument("--teacher-epochs", type=int, default=3,
-                     help="epochs when the teacher must be fine-tuned first (default: 3)")
+    sub.add_argument("--teacher-epochs", type=int, default=None,
+                     help="epochs when the teacher must be fine-tuned first (default: auto, a step budget from the "
+                          "data size stopped early on validation)")
     sub.add_argument("--teacher-lr", type=float, default=1e-4, help="learning rate for that (default: 1e-4)")
     student = sub.add_argument_group("student shape")
-    student.add_argument("--layers", type=int, default=2, help="transformer layers (default: 2)")
+    student.add_argument("--layers", type=int, default=4, help="transformer layers (default: 4)")
     student.add_argument("--hidden", type=int, default=256,
                          help="hidden width; a BERT teacher's most active channels are kept (default: 256)")
     student.add_argument("--heads", type=int, default=None,
                          help="attention heads (default: as many of the teacher's head size as fit, so the most "
                               "active teacher heads are kept)")
-    student.add_argument("--ffn", type=int, default=None,
-                         help="feed-forward width; the most active teacher neurons are kept (default: the teacher's "
-                              "ratio to the width)")
+    student.add_argument("--ffn", type=int, default=480,
+                         help="feed-forward width; the most active teacher neurons are kept (default: 480, which makes "
+                              "a 4L-256 student 1/8 of MiniLM-L6)")
     student.add_argument("--pooling", default="cls", choices=["cls", "mean"],
                          help="cls: a BERT student read out at [CLS]; mean: a ModernBERT student with mean pooling "
                               "(default: cls)")
@@ -108,39 +112,62 @@ def register(subparsers) -> None:
     kd.add_argument("--top-k", type=int, default=16, help="teacher logits kept in the cache per example (default: 16)")
     add_evaluation_arguments(sub.add_argument_group("evaluation"))
     add_data_arguments(sub)
-    add_train_arguments(sub, epochs=10, lr=5e-4)
+    add_train_arguments(sub, epochs=None, lr=5e-4, max_length="auto")
     add_causal_lm_arguments(sub)
     sub.set_defaults(handler=run, subparser=sub)
+
+
+def configs_from_args(args: argparse.Namespace, data) -> tuple[str, object, object, dict]:
+    """(teacher, DistillConfig, teacher TrainConfig, the choices made from the data) that the flags
+    describe for `data` (LabelledSplits): lengths left unset are set from the data (train.budget,
+    train.lengths). Shared with bench/distill_classifier.py, whose defaults are these."""
+    from smallmighty.defaults import default_teacher_encoder
+    from smallmighty.distill.classifier import DistillConfig
+    from smallmighty.distill.losses import DistillWeights
+    from smallmighty.models.encoder import StudentShape, load_tokenizer
+    from smallmighty.train.budget import STUDENT_BUDGET, TEACHER_BUDGET
+    from smallmighty.train.lengths import text_lengths
+
+    fill_task_defaults(args, "classify")  # idempotent; bench/distill_classifier.py calls this directly
+    teacher = args.teacher or default_teacher_encoder()
+    lengths = text_lengths(load_tokenizer(teacher), data.train.texts, args.max_length)
+    student_examples = len(data.train) * (1 + args.augment)
+    config = DistillConfig(
+        shape=StudentShape(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
+                           trim_vocab=args.trim_vocab, pooling=args.pooling),
+        weights=DistillWeights(kd=args.alpha_kd, ce=args.alpha_ce, hidden=args.alpha_hidden,
+                               attention=args.alpha_attention, temperature=args.temperature),
+        train=train_config_from_args(args, budget=STUDENT_BUDGET, n_examples=student_examples,
+                                     mean_tokens=lengths.mean_tokens),
+        layer_map=args.layer_map, intermediate_epochs=args.intermediate_epochs, top_k=args.top_k,
+        max_length=lengths.max_length, windows=lengths.windows, augment=args.augment)
+    teacher_args = argparse.Namespace(**{**vars(args), "epochs": args.teacher_epochs, "lr": args.teacher_lr})
+    teacher_train = train_config_from_args(teacher_args, budget=TEACHER_BUDGET, n_examples=len(data.train),
+                                           mean_tokens=lengths.mean_tokens)
+    choices = {"max_length": (f"{lengths.max_length} tokens: " + (
+        "the shorter of 64/128 that holds 95% of the training texts whole" if lengths.chosen else "given")
+        + (f"; longer texts read as up to {lengths.windows} windows at inference" if lengths.windows > 1 else ""))}
+    for role, given, train in (("teacher", args.teacher_epochs, teacher_train), ("student", args.epochs, config.train)):
+        if given is None and not args.max_steps:
+            choices[f"{role}_length"] = (f"at most {train.max_steps} steps from the data size, scored on validation "
+                                         f"every {train.eval_every}, stopped after {train.patience} without a gain")
+    return teacher, config, teacher_train, choices
 
 
 def run(args: argparse.Namespace) -> int:
     if args.method == "answers":
         return run_answers(args)
-    from smallmighty.defaults import default_teacher_encoder
-    from smallmighty.distill.classifier import DistillConfig
-    from smallmighty.distill.losses import DistillWeights
     from smallmighty.distill.pipeline import run_pipeline
-    from smallmighty.models.encoder import StudentShape
 
     apply_recipe(args, args.subparser)
     if is_causal_lm_task(args):
         from smallmighty.distill.lm_commands import run_causal_lm
 
         return run_causal_lm(args)
-    fill_task_defaults(args, "classify")
-    train_data, test_data = load_data_from_args(args)
-    config = DistillConfig(
-        shape=StudentShape(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
-                           trim_vocab=args.trim_vocab, pooling=args.pooling),
-        weights=DistillWeights(kd=args.alpha_kd, ce=args.alpha_ce, hidden=args.alpha_hidden,
-                               attention=args.alpha_attention, temperature=args.temperature),
-        train=train_config_from_args(args), layer_map=args.layer_map,
-        intermediate_epochs=args.intermediate_epochs, top_k=args.top_k, max_length=args.max_length,
-        augment=args.augment)
-    teacher_train = train_config_from_args(args)
-    teacher_train.epochs, teacher_train.lr = args.teacher_epochs, args.teacher_lr
-    run_pipeline(args.teacher or default_teacher_encoder(), train_data, test_data, args.out, distill=config,
-                 teacher_train=teacher_train, runtime=args.runtime, baseline=args.baseline, resume=args.resume)
+    data = load_data_from_args(args)
+    teacher, config, teacher_train, choices = configs_from_args(args, data)
+    run_pipeline(teacher, data, args.out, distill=config, teacher_train=teacher_train, runtime=args.runtime,
+                 baseline=args.baseline, resume=args.resume, choices=choices)
     return 0
 
 
@@ -173,8 +200,7 @@ def run_answers(args: argparse.Namespace) -> int:
     # The classifier defaults (10 epochs at 5e-4) would overfit a few hundred answers (see TASK_DEFAULTS).
     lr = args.lr if args.lr is not None else 1e-3 if lora else 1e-4
     max_length = 512 if args.max_length == parser.get_default("max_length") else args.max_length
-    config = train_config_from_args(args)
-    config.lr, config.schedule = lr, "cosine"
+    config = train_config_from_args(args, lr=lr, schedule="cosine")
     template = None
     if args.teacher_chat_template:
         try:

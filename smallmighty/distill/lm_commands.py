@@ -16,10 +16,10 @@ import re
 #: answers. Shape flags left at None take the teacher's size (layers: half the teacher's); the learning
 #: rate of answers depends on --lora (`commands.run_answers`).
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
-    "layers": {"classify": 2, "lm": None}, "hidden": {"classify": 256, "lm": None},
+    "layers": {"classify": 4, "lm": None}, "hidden": {"classify": 256, "lm": None}, "ffn": {"classify": 480, "lm": None},
     "temperature": {"classify": 3.0, "lm": 1.0}, "alpha_kd": {"classify": 0.8, "lm": 1.0},
     "alpha_ce": {"classify": 0.2, "lm": 0.0}, "top_k": {"classify": 16, "lm": 32},
-    "epochs": {"classify": 10, "lm": 1, "answers": 3}, "lr": {"classify": 5e-4, "lm": 1e-3, "answers": None},
+    "epochs": {"classify": None, "lm": 1, "answers": 3}, "lr": {"classify": 5e-4, "lm": 1e-3, "answers": None},
     "batch_size": {"classify": 32, "lm": 8, "answers": 32},
 }
 _TASK_NAMES = {"classify": "classifiers", "lm": "causal LMs", "answers": "--method answers"}
@@ -57,8 +57,6 @@ def add_causal_lm_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tail of the corpus's tokens held out for validation (default: 0.1)")
     group.add_argument("--max-val-rows", type=int, default=64,
                        help="validation sequences scored at each evaluation while training (default: 64; 0: all)")
-    group.add_argument("--eval-every", type=int, default=0, metavar="N",
-                       help="validation perplexity every N steps (default: 0, each epoch's end)")
     group.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="bf16 autocast for the student and the teacher's passes, auto where the CPU has bf16 "
                             "(default: auto)")
@@ -82,7 +80,8 @@ def defer_task_defaults(parser: argparse.ArgumentParser) -> None:
             action.help += " (causal LMs: the same student shape trained from scratch on as many tokens)"
         if action.dest in TASK_DEFAULTS:
             action.default = None
-            shown = {"layers": "half the teacher's"}.get(action.dest, "the teacher's")
+            shown = {"layers": "half the teacher's", "epochs": "auto (a step budget from the data size)",
+                     "ffn": "the teacher's ratio to the width"}.get(action.dest, "the teacher's")
             parts = [f"{shown if value is None else value} for {_TASK_NAMES[task]}"
                      for task, value in TASK_DEFAULTS[action.dest].items() if value is not None or task != "answers"]
             note = f"(default: {', '.join(parts)})"

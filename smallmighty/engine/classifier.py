@@ -2,7 +2,9 @@
 
 `load_classifier(dir, runtime)` returns a `TextClassifier` that tokenizes with the folder's own
 tokenizer (truncating to the length the model was trained with, padding only to the longest text in
-the batch) and returns logits or label names. The runtimes give the same logits (int8: close ones);
+the batch) and returns logits or label names. A model trained on long texts (its smallmighty.json has
+`windows` > 1) reads a long text as up to that many consecutive windows of its length and averages
+their logits, so it reads as much of a document as a bag-of-words model does. The runtimes give the same logits (int8: close ones);
 they differ in batch-1 speed: ONNX Runtime fp32 measured 2-3.5x and int8 7-9x faster than eager torch.
 """
 
@@ -31,22 +33,36 @@ class TextClassifier:
     """A tokenizer plus a logits backend, with the label names from config.json."""
 
     def __init__(self, tokenizer, backend: Backend, label_names: list[str], max_length: int,
-                 runtime: str) -> None:
+                 runtime: str, windows: int = 1) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
         self.label_names = label_names
         self.max_length = max_length
         self.runtime = runtime
+        self.windows = windows
 
     def predict_logits(self, texts: list[str]) -> np.ndarray:
-        """Logits [len(texts), num_labels] as float32."""
+        """Logits [len(texts), num_labels] as float32 (the mean over a text's windows, see the module)."""
         if isinstance(texts, str):
             raise SlmError("predict_logits takes a list of texts, not one string")
         if not texts:
             return np.zeros((0, len(self.label_names)), dtype=np.float32)
+        if self.windows > 1:
+            return self._windowed_logits(list(texts))
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
                              return_tensors="np", return_token_type_ids=False)
         return self.backend(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64))
+
+    def _windowed_logits(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                             return_overflowing_tokens=True, return_tensors="np", return_token_type_ids=False)
+        owner = np.asarray(enc["overflow_to_sample_mapping"])
+        rank = np.arange(len(owner)) - np.searchsorted(owner, owner)  # windows come grouped by text
+        kept = rank < self.windows
+        logits = self.backend(enc["input_ids"][kept].astype(np.int64), enc["attention_mask"][kept].astype(np.int64))
+        sums = np.zeros((len(texts), logits.shape[1]), dtype=np.float64)
+        np.add.at(sums, owner[kept], logits)
+        return (sums / np.bincount(owner[kept], minlength=len(texts))[:, None]).astype(np.float32)
 
     def predict(self, texts: list[str]) -> list[str]:
         """The most likely label name for each text."""
@@ -160,4 +176,5 @@ def load_classifier(model_dir: str, runtime: str = "torch") -> TextClassifier:
     max_length = min(tokenizer.model_max_length,
                      config.get("max_position_embeddings", tokenizer.model_max_length))
     backend = _torch_backend(path) if runtime == "torch" else _onnx_backend(path, runtime)
-    return TextClassifier(tokenizer, backend, label_names, max_length, runtime)
+    windows = int(read_json(path / "smallmighty.json", default={}).get("windows", 1))
+    return TextClassifier(tokenizer, backend, label_names, max_length, runtime, windows)

@@ -2,7 +2,10 @@
 
 Quality comes from running the model over the test split in this process; latency, throughput
 and peak memory come from a fresh child process per model (`profile_classifier`), so one model's
-memory or warm caches never flatter another's.
+memory or warm caches never flatter another's. Every setting was chosen on the validation split
+before this point (the card records which split chose what); the test split is scored here, once.
+Each row keeps its test predictions, so the card can say how sure a difference between two models
+is (`student_margins`: a paired bootstrap interval), not only how large.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from smallmighty.evaluate.speed import (
     throughput_per_s,
 )
 from smallmighty.io import read_json
-from smallmighty.metrics import classification_metrics
+from smallmighty.metrics import classification_metrics, paired_margin, selection_metric
 from smallmighty.models.encoder import read_meta
 
 #: Test texts timed one at a time for batch-1 latency (the quality metrics use the whole split).
@@ -73,15 +76,23 @@ def evaluate_classifier(model_dir: str | Path, test: LabelledTexts, *, name: str
     meta = read_meta(model_dir)
     return {"name": name, "role": role, "runtime": runtime, "params": meta.get("params"),
             "disk_mb": disk_size_mb(runtime_file(model_dir, runtime)),
-            "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"], **speed}
+            "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"], **speed,
+            "predictions": predictions.tolist()}
 
 
-def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: int = 32) -> dict:
-    """TF-IDF + logistic regression, trained here: the bar a neural student has to clear."""
+def evaluate_baseline(train: LabelledTexts, validation: LabelledTexts, test: LabelledTexts, *,
+                      batch_size: int = 32) -> dict:
+    """TF-IDF + logistic regression, trained here with its regularisation chosen on `validation`
+    (by the same metric that picks the neural models' checkpoints): the bar a student has to clear."""
     start = time.perf_counter()
-    baseline = TfidfBaseline().fit(train.texts, train.labels)
+    baseline = TfidfBaseline()
+    metric = selection_metric(train.labels, len(train.label_names))
+    choice = baseline.fit_on_validation(
+        train.texts, train.labels, validation.texts,
+        lambda predicted: classification_metrics(validation.labels, predicted.tolist(), validation.label_names)[metric])
     fit_s = time.perf_counter() - start
-    quality = classification_metrics(test.labels, baseline.predict(test.texts).tolist(), test.label_names)
+    predictions = baseline.predict(test.texts).tolist()
+    quality = classification_metrics(test.labels, predictions, test.label_names)
     texts = test.texts[:LATENCY_ITEMS]
     latency = latency_ms(lambda text: baseline.predict([text]), texts)
     throughput = throughput_per_s(baseline.predict, texts, batch_size=batch_size)
@@ -91,13 +102,34 @@ def evaluate_baseline(train: LabelledTexts, test: LabelledTexts, *, batch_size: 
             "disk_mb": len(pickle.dumps(baseline)) / 2**20,
             "accuracy": quality["accuracy"], "macro_f1": quality["macro_f1"],
             "latency_ms_p50": latency["p50"], "latency_ms_p95": latency["p95"],
-            "throughput_per_s": throughput, "peak_rss_mb": None, "fit_s": fit_s,
-            **request_cost(lambda text: baseline.predict([text]), texts)}
+            "throughput_per_s": throughput, "peak_rss_mb": None, "fit_s": fit_s, "predictions": predictions,
+            **request_cost(lambda text: baseline.predict([text]), texts),
+            "selection": {"split": "validation", "metric": metric, "C": choice["C"],
+                          "validation_scores": {str(c): round(v, 5) for c, v in choice["scores"].items()}}}
+
+
+def student_margins(models: list[dict], test: LabelledTexts, metric: str) -> list[dict]:
+    """Each student against every other model on the card: the difference in `metric` on the test
+    split with its 95% paired bootstrap interval (rows without predictions are skipped)."""
+    from smallmighty.evaluate.report import model_label
+
+    margins = []
+    for student in (m for m in models if m["role"] == "student" and m.get("predictions")):
+        for other in (m for m in models if m is not student and m.get("predictions")):
+            margin = paired_margin(test.labels, student["predictions"], other["predictions"], len(test.label_names),
+                                   metric=metric)
+            margins.append({"model": model_label(student), "versus": model_label(other), "role": other["role"],
+                            **margin})
+    return margins
 
 
 def build_card(models: list[dict], train: LabelledTexts, test: LabelledTexts, *, title: str,
-               training: dict | None = None) -> dict:
+               training: dict | None = None, selection: dict | None = None) -> dict:
+    """The card: `selection` records which split chose what (see `distill.pipeline`)."""
+    metric = selection_metric(train.labels, len(train.label_names))
     return {"title": title,
-            "task": {"dataset": dataset_label(test.source), "source": test.source, "n_train": len(train), "n_test": len(test),
-                     "num_labels": len(test.label_names)},
-            "hardware": hardware_info(), "models": models, "training": training or {}}
+            "task": {"dataset": dataset_label(test.source), "source": test.source, "n_train": len(train),
+                     "n_test": len(test), "num_labels": len(test.label_names)},
+            "primary_metric": metric, "hardware": hardware_info(), "models": models,
+            "student_margins": student_margins(models, test, metric), "selection": selection or {},
+            "training": training or {}}

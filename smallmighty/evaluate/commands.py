@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model and not args.teacher:
         raise SlmError("nothing to evaluate: give --model DIR (and optionally --teacher DIR)")
-    train, test = load_data_from_args(args)
+    data = load_data_from_args(args)
+    test = data.test
     models = []
     if args.teacher:
         models.append(evaluate_classifier(args.teacher, test, name=Path(args.teacher).name or "teacher",
@@ -70,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
         models.append(evaluate_classifier(model, test, name=Path(model).name or "student", role="student",
                                           runtime=args.runtime))
     if args.baseline:
-        models.append(evaluate_baseline(train, test))
-    card = build_card(models, train, test, title=f"Report card: {dataset_label(test.source)}")
+        models.append(evaluate_baseline(data.train, data.validation, test))
+    card = build_card(models, data.train, test, title=f"Report card: {dataset_label(test.source)}",
+                      selection={"validation_split": data.validation_origin,
+                                 **({"baseline": models[-1]["selection"]} if args.baseline else {})})
     card["cost"] = cost_assumptions(args.price_per_core_hour, args.watts_per_core)
     publish(args.out, card)
     return 0

@@ -102,28 +102,92 @@ def summarize(card: dict) -> dict:
             "memory_ratio": _ratio(teacher.get("peak_rss_mb"), model.get("peak_rss_mb")),
         })
     return {"teacher": model_label(teachers[0]) if teachers else None, "comparisons": comparisons,
-            "headline": _headline(card, comparisons)}
+            "best": model_label(best_model(card["models"], card.get("primary_metric", "accuracy"))),
+            "recommended": recommendation(card), "headline": _headline(card, comparisons)}
 
 
 def _times(ratio: float, more: str, less: str) -> str:
     return f"{ratio:.1f}x {more}" if ratio >= 1 else f"{1 / ratio:.1f}x {less}"
 
 
+_METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+#: Which model a tie goes to: the cheaper one.
+_TIE_ORDER = {"baseline": 0, "student": 1, "teacher": 2}
+
+
+def best_model(models: list[dict], metric: str) -> dict:
+    """The model with the best `metric` on the test split; a tie goes to the cheaper one."""
+    return max(models, key=lambda m: (m[metric], -_TIE_ORDER[m["role"]]))
+
+
+def _margin_text(card: dict, student: dict, other: dict, against: str, *, flip: bool = False) -> str:
+    """'+0.6 points against the baseline (95% CI +0.1 to +1.1)' for student minus other, or with
+    `flip` '1.9 points ahead (95% CI 1.2 to 2.6)' for other minus student; the interval is the card's
+    paired bootstrap, when it has one."""
+    metric = card.get("primary_metric", "accuracy")
+    sign, fmt = (-1, ".1f") if flip else (1, "+.1f")
+    record = next((m for m in card.get("student_margins") or []
+                   if m["model"] == model_label(student) and m["versus"] == model_label(other)
+                   and m["metric"] == metric), None)
+    text = f"{sign * (student[metric] - other[metric]) * 100:{fmt}} points {against}"
+    if record is None:
+        return text
+    low, high = sorted(sign * v * 100 for v in record["ci95"])
+    unclear = ", not a clear difference" if low <= 0 <= high else ""
+    return f"{text} (95% CI {low:{fmt}} to {high:{fmt}}{unclear})"
+
+
+def recommendation(card: dict) -> dict | None:
+    """Which model to use, and why: the baseline when it scores at least as well as the student,
+    else the student (the teacher's extra accuracy, if any, is weighed by the reader from the card)."""
+    metric = card.get("primary_metric", "accuracy")
+    student = next((m for m in card["models"] if m["role"] == "student"), None)
+    baseline = next((m for m in card["models"] if m["role"] == "baseline"), None)
+    if student is None:
+        return None
+    if baseline is not None and baseline[metric] >= student[metric]:
+        return {"model": model_label(baseline), "role": "baseline",
+                "why": f"it scores at least as well as the student on {_METRIC_NAMES[metric]}"}
+    return {"model": model_label(student), "role": "student",
+            "why": "it outscores the baseline" if baseline else "no baseline was measured"}
+
+
 def _headline(card: dict, comparisons: list[dict]) -> str:
-    """One sentence for the top of the report, about the first student (else the first non-teacher)."""
+    """One sentence (two when the baseline wins) for the top of the report: the first student (else
+    the first non-teacher) against the best model on the card, by the card's primary metric."""
     if not comparisons:
         first = card["models"][0]
         return (f"{model_label(first)} reaches {first['accuracy']:.1%} accuracy at "
                 f"{first['latency_ms_p50']:.1f} ms per query (batch 1, median); there is no teacher to compare with.")
+    metric = card.get("primary_metric", "accuracy")
+    name = _METRIC_NAMES[metric]
     c = next((c for c in comparisons if c["role"] == "student"), comparisons[0])  # card order: the caller's pick
+    student = next(m for m in card["models"] if model_label(m) == c["model"])
+    teacher = next(m for m in card["models"] if model_label(m) == c["teacher"])
+    baseline = next((m for m in card["models"] if m["role"] == "baseline" and m is not student), None)
+    best = best_model(card["models"], metric)
     parts = []
     if c["size_ratio"] is not None:
         parts.append(f"with {_times(c['size_ratio'], 'fewer', 'more')} parameters")
     if c["speedup"] is not None:
         parts.append(f"runs {_times(c['speedup'], 'faster', 'slower')} at batch 1")
-    kept = f"keeps {c['retained']:.1%} of the teacher's accuracy" if c["retained"] is not None else "was measured"
+    kept_ratio = c["retained"] if metric == "accuracy" else c["f1_retained"]
+    kept = f"keeps {kept_ratio:.1%} of the teacher's {name}" if kept_ratio is not None else "was measured"
     tail = (" " + " and ".join(parts)) if parts else ""
-    return f"{c['role'].capitalize()} {c['model']} {kept}{tail} (teacher: {c['teacher']})."
+    student_says = f"{c['role'].capitalize()} {c['model']} {kept}{tail} (teacher: {c['teacher']})."
+    if baseline is not None and baseline[metric] >= student[metric]:
+        teacher_note = (f"; the teacher scores {teacher[metric]:.1%}" if teacher is not best
+                        else f"; only the teacher scores higher, {teacher[metric]:.1%}")
+        return (f"The baseline {model_label(baseline)} beats the student: {name} {baseline[metric]:.1%} against "
+                f"{student[metric]:.1%}, {_margin_text(card, student, baseline, 'ahead', flip=True)}{teacher_note}. "
+                f"Use the baseline rather than the student. {student_says}")
+    against = (f", {_margin_text(card, student, baseline, 'against the baseline')}"
+               if baseline is not None else "")
+    if best is student:
+        return (f"{c['role'].capitalize()} {c['model']} is the most accurate model here: {name} "
+                f"{student[metric]:.1%}{against}. It {kept}{tail} (teacher: {c['teacher']}).")
+    return (f"{student_says} The most accurate model here is {model_label(best)}: {name} {best[metric]:.1%} against "
+            f"the student's {student[metric]:.1%}{against}.")
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -374,6 +438,22 @@ def _definition_list(data: dict) -> str:
     return f"<dl>{items}</dl>" if items else "<p>(none recorded)</p>"
 
 
+def _margins_section(card: dict) -> str:
+    """The student against every other model: the test-split difference and its paired bootstrap interval."""
+    margins = card.get("student_margins") or []
+    if not margins:
+        return ""
+    rows = "".join(
+        f'<tr><td class="text">{_e(m["model"])}</td><td class="text">{_e(m["versus"])}</td>'
+        f'<td class="text">{_e(_METRIC_NAMES.get(m["metric"], m["metric"]))}</td><td>{m["margin"] * 100:+.2f}</td>'
+        f'<td>{m["ci95"][0] * 100:+.2f} to {m["ci95"][1] * 100:+.2f}</td></tr>' for m in margins)
+    return ("<h2>How sure the differences are</h2><p>The student's score minus each other model's, in points, on "
+            "the test split, with a 95% interval from a paired bootstrap over the test examples (an interval that "
+            "includes 0 is not a clear difference).</p><table><thead><tr><th class=\"text\">student</th>"
+            "<th class=\"text\">versus</th><th class=\"text\">metric</th><th>difference</th><th>95% interval</th>"
+            f"</tr></thead><tbody>{rows}</tbody></table>")
+
+
 def render_html(card: dict, summary: dict) -> str:
     """The whole report page as one self-contained HTML string."""
     comparisons = ""
@@ -393,11 +473,15 @@ def page(card: dict, summary: dict, *, models_note: str, models_table: str, comp
                       f"<figcaption>{_e(caption)}</figcaption></figure>" for caption, png in charts)
     task_line = ", ".join(f"{_e(k.replace('_', ' '))}: {_e(v)}" for k, v in (card.get("task") or {}).items())
     title = _e(card.get("title") or "Model report")
+    selection = ""
+    if card.get("selection"):
+        selection = ("<h2>How the settings were chosen</h2><p>Every choice was made on the validation split; the "
+                     f"test split was scored once, at the end.</p>{_definition_list(card['selection'])}\n")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_CSS}</style></head><body>\n<h1>{title}</h1>\n<p class=\"task\">{task_line}</p>\n"
             f'<p class="headline">{_e(summary["headline"])}</p>\n'
             f"<h2>Models</h2><p>Best value in each column in bold green. {_e(models_note)}</p>{models_table}\n"
-            f"{comparisons}\n{cost_html(card)}\n<h2>Charts</h2>{figures}\n"
+            f"{comparisons}\n{cost_html(card)}\n{_margins_section(card)}\n<h2>Charts</h2>{figures}\n{selection}"
             f"<h2>Hardware</h2>{_definition_list(card.get('hardware') or {})}\n"
             f"<h2>Training</h2>{_definition_list(card.get('training') or {})}\n</body></html>\n")
 

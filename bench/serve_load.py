@@ -226,9 +226,9 @@ class Server:
             self.process.wait()
 
 
-def ours(port: int, max_queue: int = 64, model: str | None = None) -> Server:
+def ours(port: int, max_queue: int = 64, model: str | None = None, extra: tuple[str, ...] = ()) -> Server:
     command = [sys.executable, "-m", "smallmighty.cli", "serve", "--port", str(port), "--max-batch", "16",
-               "--max-queue", str(max_queue)]
+               "--max-queue", str(max_queue), *extra]
     if model is not None:
         command.append(model)
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS)}
@@ -251,10 +251,10 @@ def llama_server_binary(cache: Path) -> Path:
     return binary
 
 
-def llama_server(binary: Path, gguf: Path, port: int, parallel: int) -> Server:
+def llama_server(binary: Path, gguf: Path, port: int, parallel: int, extra: list[str]) -> Server:
     return Server([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                    "-t", str(THREADS), "-tb", str(THREADS), "--parallel", str(parallel),
-                   "-c", str(SLOT_CONTEXT * parallel), "--cont-batching", "--no-webui"], port)
+                   "-c", str(SLOT_CONTEXT * parallel), "--cont-batching", "--no-webui", *extra], port)
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -331,33 +331,41 @@ def classify(model: str, clients: int = 8, seconds: float = 15.0) -> dict:
     alone = done / (time.perf_counter() - start)
     del classifier
 
-    async def post(port: int, text: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def post(connection: tuple[asyncio.StreamReader, asyncio.StreamWriter], text: str) -> None:
+        """One request on a kept-alive connection (as HTTP client libraries do)."""
+        reader, writer = connection
         payload = json.dumps({"input": text}).encode()
         writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
         await writer.drain()
-        answer = await reader.read()
-        writer.close()
-        if not answer.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(answer[:300])
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head[:300])
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
 
     with ours(free_port(), model=model) as server:
         count = 0
 
-        async def client(c: int, start: float) -> None:
+        async def client(connection, c: int, start: float) -> None:
             nonlocal count
             while time.perf_counter() - start < seconds:
-                await post(server.port, texts[(c + count) % len(texts)])
+                await post(connection, texts[(c + count) % len(texts)])
                 count += 1
 
         async def run() -> float:
-            await asyncio.gather(*(post(server.port, t) for t in texts[:clients]))
+            connections = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(clients)]
+            await asyncio.gather(*(post(conn, texts[c]) for c, conn in enumerate(connections)))  # warm-up
             start = time.perf_counter()
-            await asyncio.gather(*(client(c, start) for c in range(clients)))
-            return time.perf_counter() - start
+            await asyncio.gather(*(client(conn, c, start) for c, conn in enumerate(connections)))
+            elapsed = time.perf_counter() - start
+            for _, writer in connections:
+                writer.close()
+            return elapsed
 
-        served = count / asyncio.run(run())
+        elapsed = asyncio.run(run())  # (before reading `count`, which the clients advance)
+        served = count / elapsed
     figures = {"clients": clients, "served_req_s": served, "one_at_a_time_req_s": alone,
                "ratio": served / alone}
     log(f"classify: {figures}")
@@ -375,6 +383,11 @@ def main() -> None:
     parser.add_argument("--classifier", default=None, metavar="DIR",
                         help="also measure /v1/classify on this classifier folder (from `slm distill`)")
     parser.add_argument("--skip-load", action="store_true", help="leave out the 1/4/8/16-client levels")
+    parser.add_argument("--ours-args", default="", metavar="FLAGS",
+                        help="extra `slm serve` flags, e.g. '--prefill-chunk 64' (default: none)")
+    parser.add_argument("--llama-args", default="", metavar="FLAGS",
+                        help="extra llama-server flags, e.g. '-fa on' (default: none)")
+    parser.add_argument("--skip-ours", action="store_true", help="leave out our server (llama-server only)")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -383,8 +396,10 @@ def main() -> None:
     model_dir = resolve_causal_lm(None)
     results: dict[str, dict] = {}
     if not args.skip_load:
-        with ours(free_port()) as server:
-            mine = load_levels(lambda clients: _Keep(server), levels, args, "ours")
+        mine: dict[int, dict] = {}
+        if not args.skip_ours:
+            with ours(free_port(), extra=tuple(args.ours_args.split())) as server:
+                mine = load_levels(lambda clients: _Keep(server), levels, args, "ours")
         theirs: dict[int, dict] = {}
         if not args.skip_llamacpp:
             cache = cache_dir("bench")
@@ -392,12 +407,13 @@ def main() -> None:
             if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
                 subprocess.run([sys.executable, "-m", "pip", "install", "-q", "sentencepiece"], check=True)
             gguf = converted_gguf(model_dir, llama_cpp_sdist(cache), cache, "q8_0")
-            theirs = load_levels(lambda clients: llama_server(binary, gguf, free_port(), clients), levels, args,
-                                 "llama-server")
+            extra = args.llama_args.split()
+            theirs = load_levels(lambda clients: llama_server(binary, gguf, free_port(), clients, extra), levels,
+                                 args, "llama-server")
         for clients in levels:
-            row = {f"ours_{k}": v for k, v in mine[clients].items()}
+            row = {f"ours_{k}": v for k, v in mine.get(clients, {}).items()}
             row |= {f"llamacpp_{k}": v for k, v in theirs.get(clients, {}).items()}
-            if theirs:
+            if theirs and mine:
                 row["tok_s_ratio"] = row["ours_tok_s"] / row["llamacpp_tok_s"]
             results[str(clients)] = row
         report(results, levels)
@@ -435,7 +451,7 @@ def report(results: dict[str, dict], levels: list[int]) -> None:
             return f"{r[f'{prefix}_{a}']:.0f}" + (f" / {r[f'{prefix}_{b}']:.0f}" if b else "")
 
         ratio = f"{r['tok_s_ratio']:.2f}x" if "tok_s_ratio" in r else "-"
-        print(f"| {clients} | {r['ours_tok_s']:.1f} | {cell('llamacpp', 'tok_s')} | {ratio} | "
+        print(f"| {clients} | {cell('ours', 'tok_s')} | {cell('llamacpp', 'tok_s')} | {ratio} | "
               f"{cell('ours', 'ttft_p50_ms', 'ttft_p95_ms')} | {cell('llamacpp', 'ttft_p50_ms', 'ttft_p95_ms')} | "
               f"{cell('ours', 'latency_p50_ms', 'latency_p95_ms')} | "
               f"{cell('llamacpp', 'latency_p50_ms', 'latency_p95_ms')} |")

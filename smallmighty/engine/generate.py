@@ -56,7 +56,7 @@ def _ids(value: Any) -> set[int]:
     return set()
 
 
-class _Text:
+class IncrementalText:
     """Detokenizes a growing list of ids, never splitting a multi-byte character, and finds stop strings.
 
     Each new token's text is the difference between decoding the last few ids with and without it:
@@ -286,7 +286,7 @@ class Engine:
         self._check_prompts([ids])
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens, stats.finish_reason = len(ids), "length"
-        text = _Text(self.tokenizer, settings.stop)
+        text = IncrementalText(self.tokenizer, settings.stop)
         shown = 0
         for (token,) in self._steps([ids], settings, stats):
             if token in self.eos_token_ids:
@@ -305,11 +305,11 @@ class Engine:
             yield text.text[shown:]
 
     def _generate_rows(self, prompts: list[list[int]], settings: GenerationSettings,
-                       track_text: bool) -> list[_Text]:
+                       track_text: bool) -> list[IncrementalText]:
         settings.validate()
         self._check_prompts(prompts)
         track_text = track_text or bool(settings.stop)
-        rows = [_Text(self.tokenizer, settings.stop) for _ in prompts]
+        rows = [IncrementalText(self.tokenizer, settings.stop) for _ in prompts]
         done = [False] * len(prompts)
         for tokens in self._steps(prompts, settings):
             for i, token in enumerate(tokens):

@@ -284,6 +284,22 @@ class DecoderLayer:
         kv_cache[rows, :, slots] = kv[:, :, 0]
         return self._attend_and_mlp(h, q, kv_cache[rows, :, : mask.shape[-1]], mask, causal=False)
 
+    def prefill(self, h: torch.Tensor, kv_cache: torch.Tensor, spans: list[tuple[int, int, int, int]],
+                rope: torch.Tensor) -> torch.Tensor:
+        """Prompt chunks of several sequences packed in the rows of `h` [N, hidden] (see
+        `LlamaModel.prefill`): each span (row, start, lo, hi) writes rows [lo, hi) of the pass at
+        slots [start, start + hi - lo) of cache row `row` and attends to that row's slots up to
+        each query's own, in an attention call of its own. Rows outside every span are padding."""
+        q, kv = self._attention_inputs(h, 1, rope)
+        attn = h.new_zeros(h.shape[0], self.heads * self.head_dim)
+        for row, start, lo, hi in spans:
+            t = hi - lo
+            kv_cache[row, :, start:start + t] = kv[0, :, lo:hi]
+            mask = causal_mask(start, t) if start > 0 and t > 1 else None
+            attn[lo:hi] = self._attention(q[:, :, lo:hi], kv_cache[row:row + 1, :, : start + t], mask,
+                                          causal=start == 0 and t > 1)
+        return self._output_and_mlp(h, attn)
+
     def _attention_inputs(self, h: torch.Tensor, b: int, rope: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries [b, heads, T, d] and new keys + values [b, 2 * kv_heads, T, d], rotated."""
@@ -300,15 +316,34 @@ class DecoderLayer:
     def _attend_and_mlp(self, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
                         mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         """Attention of `q` over cached keys and values `kv` [b, 2 * kv_heads, L, d], then the MLP."""
+        return self._output_and_mlp(h, self._attention(q, kv, mask, causal))
+
+    def _attention(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
+                   causal: bool) -> torch.Tensor:
+        """Attention of `q` [b, heads, T, d] over `kv` [b, 2 * kv_heads, L, d]: [b * T, heads * d]."""
         hk = self.kv_heads
         b, hq, t, d = q.shape
         attn = F.scaled_dot_product_attention(q, kv[:, :hk], kv[:, hk:], attn_mask=mask,
                                               is_causal=causal, scale=1.0, enable_gqa=hq != hk)
-        attn = attn.transpose(1, 2).reshape(b * t, hq * d)
+        return attn.transpose(1, 2).reshape(b * t, hq * d)
+
+    def _output_and_mlp(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Add the attention output `attn` [rows, heads * d] and then the MLP to `h`, in place."""
         h += self.o(attn)
         gate_up = self.gate_up(F.rms_norm(h, self.norm_shape, self.mlp_norm, self.eps))
         h += self.down(F.silu(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter:]))
         return h
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """Prompt tokens of one sequence for `LlamaModel.prefill`: `ids` go to slots
+    [start, start + len(ids)) of cache row `row`, whose slots [0, start) already hold the
+    sequence's earlier tokens."""
+
+    ids: list[int]
+    row: int
+    start: int
 
 
 class LlamaModel:
@@ -370,6 +405,40 @@ class LlamaModel:
             h = layer.forward(h, b, kv, start, rope, mask)
         h = h.view(b, t, -1)
         return self._logits(h[:, -1] if last_only else h)
+
+    def prefill(self, chunks: list[PromptChunk], cache: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [len(chunks), V] at the last token of each chunk: prompt chunks of many
+        sequences, each in its own cache row, run as one pass.
+
+        Why: a server that admits several requests at once reads every weight once for all their
+        prompts and calls each operator once, instead of once per request. A chunk's result must
+        still not depend on what else is in the pass (a request's greedy output is the same alone
+        or in a busy batch), so: each chunk gets an attention call of its own shapes; every other
+        operator works row by row; and the pass is padded to `rows_floor` rows, below which a
+        quantized layer would switch to a kernel that rounds differently. The quantized linear
+        kernels then give each row the same result whatever the other rows are (exact integer
+        sums; float32 GEMMs only agree up to rounding); `tests/engine/test_model.py` checks both. Chunks of one sequence must come
+        in prompt order: a later chunk attends to the keys an earlier one writes in the same pass.
+        """
+        spans, ids, positions = [], [], []
+        for chunk in chunks:
+            if not chunk.ids:
+                raise SlmError("prefill: every chunk needs at least one token")
+            spans.append((chunk.row, chunk.start, len(ids), len(ids) + len(chunk.ids)))
+            ids += chunk.ids
+            positions += range(chunk.start, chunk.start + len(chunk.ids))
+        pad = max(0, self.rows_floor() - len(ids))
+        rope = self.rope(max(positions) + 1)[torch.tensor(positions + [0] * pad)][None, :, None]
+        h = self.embed_tokens(torch.tensor(ids + [0] * pad))
+        for layer, kv in zip(self.layers, cache):
+            h = layer.prefill(h, kv, spans, rope)
+        last = [hi - 1 for _, _, _, hi in spans]
+        return self._logits(h[last + [0] * max(0, self.rows_floor() - len(last))])[: len(chunks)]
+
+    def rows_floor(self) -> int:
+        """Fewest rows `prefill` sends through the linear layers: quantized layers change kernel
+        below their `rows_path_from` rows (see `engine.quantize`)."""
+        return max(getattr(m, "rows_path_from", 1) for m in self.linears())
 
     def _check_decode(self, ids: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
                       first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None) -> None:

@@ -120,6 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lm.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                     help="prompt tokens run between two decode steps, so long prompts do not stall "
                          "running replies (default: %(default)s)")
+    lm.add_argument("--prefix-cache", type=int, default=2048, metavar="TOKENS",
+                    help="prompt positions whose keys and values are kept for requests that start the "
+                         "same way (system prompt, earlier turns); 0 turns it off (default: %(default)s)")
     clf = serve.add_argument_group("classifiers")
     clf.add_argument("--runtime", choices=("torch", "onnx", "onnx-int8"), default="onnx",
                      help="inference runtime for a classifier folder (default: %(default)s)")
@@ -229,7 +232,8 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"Loading {name}...", file=sys.stderr, flush=True)
     service = load_service(args.model, precision=args.precision, max_seq_len=args.max_seq_len,
                            max_batch=args.max_batch, max_queue=args.max_queue,
-                           prefill_chunk=args.prefill_chunk, runtime=args.runtime)
+                           prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache,
+                           runtime=args.runtime)
     config = ServeConfig(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                          drain_seconds=args.drain_seconds)
     host = f"[{args.host}]" if ":" in args.host else args.host

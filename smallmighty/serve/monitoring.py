@@ -29,6 +29,9 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("slm_prompt_tokens", "Prompt tokens of finished or cancelled requests",
                                      registry=r)
+        self.cached_prompt_tokens = Counter("slm_prompt_tokens_cached",
+                                            "Prompt tokens whose keys and values came from the prefix store",
+                                            registry=r)
         self.completion_tokens = Counter("slm_completion_tokens", "Tokens generated", registry=r)
         self.classified_texts = Counter("slm_classified_texts", "Texts classified", registry=r)
         self.ttft = Histogram("slm_time_to_first_token_seconds",

@@ -8,14 +8,19 @@ whole batch. One thread owns the model and a key/value cache of `max_batch` rows
 the context. Every iteration it
 
 1. admits waiting requests into free cache rows and drops cancelled ones (a client that went away
-   frees its row before the next step);
-2. runs prompt chunks of newly admitted requests, about `prefill_chunk` tokens in all, so a long
-   prompt never stalls the sequences already decoding for more than one chunk;
+   frees its row before the next step); a request whose prompt starts with a prefix kept in the
+   prefix store (a system prompt, a conversation's earlier turns) gets its keys and values copied
+   in and skips those tokens;
+2. runs prompt chunks of the admitted requests, about `prefill_chunk` tokens in all, as one pass
+   (`LlamaModel.prefill`), so a burst of new requests shares one read of the weights and a long
+   prompt never stalls the sequences already decoding for more than one pass;
 3. runs one decode step (`LlamaModel.decode`) for every sequence that has a token to feed, each at
    its own cache row and position.
 
-A prompt is cut into chunks at fixed offsets (multiples of `prefill_chunk`), never by what else is
-running, so a request's arithmetic, and its greedy output, is the same alone or in a busy batch.
+A request's greedy output is the same alone or in a busy batch: its prompt is cut into chunks by
+its own tokens only (after every end-of-turn token, and every `prefill_chunk` tokens between), each
+chunk is computed the same way whatever else shares its pass (see `LlamaModel.prefill`), and the
+prefix store keeps exactly the keys and values those chunks produced.
 The HTTP layer talks to it through `submit` (bounded: `QueueFull` when too many wait) and `cancel`;
 results come back through each request's `emit` callback, called on the scheduler thread.
 """
@@ -25,13 +30,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from smallmighty.engine.generate import Engine, _Text
+from smallmighty.engine.generate import Engine, IncrementalText
+from smallmighty.engine.model import PromptChunk
 from smallmighty.engine.quantize import enable_rows_paths
 from smallmighty.engine.sampling import GenerationSettings, TokenChooser
 
@@ -53,11 +59,13 @@ class Delta:
 
 @dataclass
 class Finish:
-    """The request ended: `reason` is "stop" (end-of-sequence or a stop string) or "length"."""
+    """The request ended: `reason` is "stop" (end-of-sequence or a stop string) or "length";
+    `cached_tokens` of the prompt came from the prefix store instead of being computed."""
 
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -81,10 +89,13 @@ class Sequence:
     id: int = field(default_factory=itertools.count().__next__)
     row: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of which copied from the prefix store
+    ends: list[int] = field(default_factory=list)  # where the prompt's chunks end (`chunk_ends`)
+    turns: list[int] = field(default_factory=list)  # the ends that follow an end-of-turn token
     generated: int = 0
     pending: int | None = None  # chosen token not yet fed to the model
     cancelled: bool = False
-    text: _Text | None = None
+    text: IncrementalText | None = None
     chooser: TokenChooser | None = None
     shown: int = 0  # characters of text already emitted
     started: float = 0.0  # when it got a cache row (perf_counter)
@@ -95,16 +106,72 @@ class Sequence:
         return len(self.prompt) + self.generated - 1
 
 
+def turn_ends(prompt: list[int], end_of_turn: set[int]) -> list[int]:
+    """Prompt positions just after an end-of-turn token (the model's end-of-sequence ids), before
+    the last token: where a system prompt or an earlier turn of a conversation ends."""
+    return [i + 1 for i, token in enumerate(prompt[:-1]) if token in end_of_turn]
+
+
+def chunk_ends(length: int, turns: list[int], size: int) -> list[int]:
+    """Where the chunks of a prompt of `length` tokens end: at every turn end, and every `size`
+    tokens after the previous end; the last is `length`."""
+    ends, start = [], 0
+    for cut in [*turns, length]:
+        ends.extend(range(start + size, cut, size))
+        ends.append(cut)
+        start = cut
+    return ends
+
+
+class PrefixStore:
+    """Keys and values of prompt prefixes that end at a turn end, for later requests that start
+    with the same tokens (the same system prompt, the earlier turns of the same conversation).
+
+    Least recently used entries go first once they hold more than `max_tokens` positions (each
+    costs one position of every layer's cache: 46 KB for SmolLM2-135M).
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.tokens = 0
+        self.hits = 0
+        self._entries: OrderedDict[tuple[int, ...], list[torch.Tensor]] = OrderedDict()
+
+    def longest(self, prompt: list[int], turns: list[int]) -> tuple[int, list[torch.Tensor]] | None:
+        """(length, per-layer keys and values) of the longest stored prefix of `prompt` ending at
+        one of its `turns`, or None."""
+        for end in reversed(turns):
+            key = tuple(prompt[:end])
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return end, self._entries[key]
+        return None
+
+    def add(self, prefix: list[int], cache: list[torch.Tensor], row: int) -> None:
+        """Keep a copy of cache row `row`'s slots [0, len(prefix)), which hold `prefix`."""
+        key, end = tuple(prefix), len(prefix)
+        if key in self._entries or end > self.max_tokens:
+            return
+        self._entries[key] = [kv[row, :, :end].clone() for kv in cache]
+        self.tokens += end
+        while self.tokens > self.max_tokens:
+            old, _ = self._entries.popitem(last=False)
+            self.tokens -= len(old)
+
+
 class Scheduler:
     """Runs requests through `engine` with continuous batching; see the module docstring."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 256) -> None:
+                 prefill_chunk: int = 256, prefix_cache_tokens: int = 2048) -> None:
         self.engine = engine
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         model = engine.model
-        if max_batch > 1:
-            enable_rows_paths(model.linears())
+        # Prompt passes mix requests (and skip stored prefixes), so they need the layers' kernel
+        # whose rows do not depend on each other (see `LlamaModel.prefill`), even for one row.
+        enable_rows_paths(model.linears())
+        self.prefixes = PrefixStore(prefix_cache_tokens)
         self.cache = model.new_cache(max_batch, engine.max_seq_len)
         self.rope = model.rope(engine.max_seq_len)
         self.first = torch.zeros(max_batch, dtype=torch.long)  # every row starts at slot 0
@@ -121,7 +188,9 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq`; raise `QueueFull` when `max_queue` requests already wait for a row."""
-        seq.text = _Text(self.engine.tokenizer, seq.settings.stop)
+        seq.text = IncrementalText(self.engine.tokenizer, seq.settings.stop)
+        seq.turns = turn_ends(seq.prompt, self.engine.eos_token_ids)
+        seq.ends = chunk_ends(len(seq.prompt), seq.turns, self.prefill_chunk)
         seq.chooser = TokenChooser(seq.settings, [seq.prompt], self.engine.model.config.vocab_size)
         with self._cond:
             if self._stopping:
@@ -163,7 +232,9 @@ class Scheduler:
 
     def _loop(self) -> None:
         with torch.inference_mode():
-            while self._admit():
+            while (admitted := self._admit()) is not None:
+                for seq in admitted:
+                    self._reuse_prefix(seq)
                 prefilling = [s for s in self._running if s.prefilled < len(s.prompt)]
                 if prefilling:
                     self._prefill(prefilling)
@@ -171,10 +242,11 @@ class Scheduler:
                 if decoding:
                     self._decode(decoding)
 
-    def _admit(self) -> bool:
+    def _admit(self) -> list[Sequence] | None:
         """Drop cancelled sequences, move waiting ones into free rows; block while idle.
 
-        Returns False once stopped."""
+        Returns the sequences given a row now, or None once stopped."""
+        admitted = []
         with self._cond:
             while True:
                 for seq in [s for s in self._running if s.cancelled]:
@@ -185,10 +257,11 @@ class Scheduler:
                         seq.row = self._free.pop()
                         seq.started = time.perf_counter()
                         self._running.append(seq)
+                        admitted.append(seq)
                 if self._stopping:
-                    return False
+                    return None
                 if self._running:
-                    return True
+                    return admitted
                 self._cond.wait()
 
     def _release(self, seq: Sequence) -> None:
@@ -196,25 +269,41 @@ class Scheduler:
         self._free.append(seq.row)
         seq.row = -1
 
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Copy the keys and values of the longest stored prefix of `seq`'s prompt into its row."""
+        found = self.prefixes.longest(seq.prompt, seq.turns)
+        if found is not None:
+            end, stored = found
+            for kv, part in zip(self.cache, stored):
+                kv[seq.row, :, :end] = part
+            seq.prefilled = seq.cached = end
+
     def _prefill(self, sequences: list[Sequence]) -> None:
-        """Run prompt chunks, oldest request first, until about `prefill_chunk` tokens ran."""
+        """One pass over the next prompt chunks, oldest request first, about `prefill_chunk` tokens."""
+        chunks: list[tuple[Sequence, int, int]] = []  # (sequence, start, end)
         budget = self.prefill_chunk
         for seq in sequences:
-            while budget > 0 and seq.prefilled < len(seq.prompt):
-                start = seq.prefilled
-                end = min(len(seq.prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
-                try:
-                    logits = self.engine.model(
-                        torch.tensor([seq.prompt[start:end]]), [kv[seq.row:seq.row + 1] for kv in self.cache],
-                        start, self.rope[None, start:end, None])
-                except Exception as err:  # noqa: BLE001 - the request fails, the server goes on
-                    self._fail(seq, err)
+            start = seq.prefilled
+            for end in (e for e in seq.ends if e > seq.prefilled):
+                if end - start > budget and chunks:
                     break
-                seq.prefilled, budget = end, budget - (end - start)
-                if end == len(seq.prompt):
-                    self._accept(seq, int(seq.chooser(logits)[0]))
+                chunks.append((seq, start, end))
+                budget, start = budget - (end - start), end
             if budget <= 0:
-                return
+                break
+        try:
+            logits = self.engine.model.prefill(
+                [PromptChunk(seq.prompt[start:end], seq.row, start) for seq, start, end in chunks], self.cache)
+        except Exception as err:  # noqa: BLE001 - the requests fail, the server goes on
+            for seq in {seq: None for seq, _, _ in chunks}:
+                self._fail(seq, err)
+            return
+        for i, (seq, start, end) in enumerate(chunks):
+            seq.prefilled = end
+            if end in seq.turns:
+                self.prefixes.add(seq.prompt[:end], self.cache, seq.row)
+            if end == len(seq.prompt):
+                self._accept(seq, int(seq.chooser(logits[i:i + 1])[0]))
 
     def _decode(self, sequences: list[Sequence]) -> None:
         """One token for every sequence in `sequences`, each at its own row and position."""
@@ -257,7 +346,7 @@ class Scheduler:
         if len(seq.text.text) > seq.shown:
             seq.emit(Delta(seq.text.text[seq.shown:]))
             seq.shown = len(seq.text.text)
-        seq.emit(Finish(reason, len(seq.prompt), seq.generated))
+        seq.emit(Finish(reason, len(seq.prompt), seq.generated, seq.cached))
         self._done(seq)
 
     def _fail(self, seq: Sequence, err: Exception) -> None:

@@ -11,7 +11,7 @@ import torch
 from folders import folder_bytes
 
 from smallmighty.engine import model as model_module
-from smallmighty.engine.generate import Engine, _Text
+from smallmighty.engine.generate import Engine, IncrementalText
 from smallmighty.engine.model import LlamaConfig
 from smallmighty.engine.sampling import GenerationSettings
 from smallmighty.errors import SlmError
@@ -167,7 +167,7 @@ def test_incremental_text_never_splits_multibyte_characters(engine):
     text = "emoji 🙂 and 日本語, naïve café"
     ids = engine.tokenizer.encode(text).ids
     assert len(ids) > len(text.split())  # multi-byte characters span several tokens
-    tracker = _Text(engine.tokenizer, ())
+    tracker = IncrementalText(engine.tokenizer, ())
     pieces = []
     for token in ids:
         before = tracker.text

@@ -10,11 +10,14 @@ import torch
 
 from smallmighty.engine.model import (
     LlamaConfig,
+    PromptChunk,
     hf_to_state,
     model_from_state,
+    quantization_plan,
     read_hf_weights,
     rope_table,
 )
+from smallmighty.engine.quantize import enable_rows_paths, quantize_state
 from smallmighty.errors import DataError, SlmError
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -187,3 +190,60 @@ def test_rows_at_their_own_slots_decode_like_each_sequence_alone(tmp_path, nativ
         got = model.decode(steps[2][pick], cache, at, zeros[:2], rope[at], rows[pick])
         for j, i in enumerate(pick.tolist()):
             torch.testing.assert_close(got[j:j + 1], alone[i][2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_prefill_pass_gives_each_chunk_exactly_what_it_gets_alone(tmp_path, precision):
+    """`LlamaModel.prefill` packs chunks of several sequences (rows, offsets, lengths all different)
+    in one pass: each gets the logits and cache entries it gets in a pass of its own (bit for bit
+    with quantized weights, whose batched kernel sums integers; float32 GEMMs round by shape), and
+    both agree with the plain prompt pass."""
+    _hf_model(tmp_path)
+    config = LlamaConfig.from_file(tmp_path / "config.json")
+    state = hf_to_state(config, read_hf_weights(tmp_path))
+    if precision != "fp32":
+        state = quantize_state(state, quantization_plan(config, precision))
+    model = model_from_state(config, state)
+    enable_rows_paths(model.linears())  # what a server does: the layers' batched kernels are on
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=g).tolist() for n in (20, 7, 1, 33)]
+    cuts = [5, 7, 1, 16]  # each prompt's first chunk; the rest is a second chunk
+    rows = [3, 0, 1, 2]
+
+    def chunks(i: int, row: int) -> list[PromptChunk]:
+        p, cut = prompts[i], cuts[i]
+        return [PromptChunk(p[:cut], row, 0)] + ([PromptChunk(p[cut:], row, cut)] if cut < len(p) else [])
+
+    with torch.inference_mode():
+        alone, alone_kv = [], []
+        for i in range(len(prompts)):
+            cache = model.new_cache(1, 40)
+            logits = [model.prefill([c], cache) for c in chunks(i, 0)]
+            alone.append(torch.cat(logits))
+            alone_kv.append([kv[0, :, : len(prompts[i])].clone() for kv in cache])
+
+        cache = model.new_cache(4, 40)
+        first = [chunks(i, rows[i]) for i in range(len(prompts))]
+        # Pass 1: every first chunk, and prompt 0's second chunk right after its first.
+        packed = model.prefill([first[1][0], first[0][0], first[0][1], first[2][0], first[3][0]], cache)
+        rest = model.prefill([first[3][1], first[1][0]], cache)  # prompt 1 again: written over, same values
+        def same(got: torch.Tensor, expected: torch.Tensor) -> None:
+            if precision == "fp32":
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(got, expected)
+
+        same(packed[[1, 2]], alone[0])
+        same(packed[0], alone[1][0])
+        same(rest[1], alone[1][0])
+        same(packed[3], alone[2][0])
+        same(torch.stack([packed[4], rest[0]]), alone[3])
+        for i, row in enumerate(rows):
+            for kv, expected in zip(cache, alone_kv[i]):
+                same(kv[row, :, : len(prompts[i])], expected)
+
+        for i, prompt in enumerate(prompts):  # the plain prompt pass: same numbers up to rounding
+            plain = model(torch.tensor([prompt]), model.new_cache(1, 40), 0,
+                          model.rope(40)[None, : len(prompt), None])
+            torch.testing.assert_close(plain[0], alone[i][-1], atol=2e-2 if precision != "fp32" else 1e-4,
+                                       rtol=1e-3)

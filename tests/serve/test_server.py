@@ -136,6 +136,19 @@ def test_greedy_reply_is_the_same_alone_and_in_a_busy_batch(client: openai.OpenA
     assert len(results) == 6
 
 
+def test_a_shared_system_prompt_is_computed_once_then_reported_as_cached(client: openai.OpenAI,
+                                                                         live: LiveServer) -> None:
+    system = [{"role": "system", "content": "You answer in one word about capitals."}]
+    before = live.metric("slm_prompt_tokens_cached_total")
+    first = chat(client, messages=system + HELLO, max_tokens=3, temperature=0)
+    second = chat(client, messages=system + [{"role": "user", "content": "And of Italy?"}], max_tokens=3,
+                  temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens
+    assert live.metric("slm_prompt_tokens_cached_total") == before + cached
+
+
 def test_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         return chat(client, max_tokens=30, temperature=1.0, top_p=0.9, seed=seed,

@@ -10,17 +10,25 @@ line of the figures:
 
 All backends are loaded first, then timed in turn within each repeat, so a burst of load from
 other processes hits every backend rather than the one that happened to run then; each figure is
-the median over repeats, after one untimed warm-up.
+the median over repeats, after one untimed warm-up. Every figure of our engine has an engine of its
+own, loaded fresh, so each is measured in the state a user gets: a batch changes the kernels the
+quantized layers use for prompts, which must not flatter a single-stream figure.
 
 Our engine runs twice per precision: decoding in its native C step (the default) and in torch
 operators (`Engine.from_pretrained(..., native=False)`, what it does without a C compiler).
 
 Decode tokens/s = new tokens / wall time of the whole generate call (the 44-token prompt included),
 with the end-of-sequence token ignored so every backend produces exactly the same number of tokens.
-Prefill tokens/s = 512 prompt tokens / time of one forward pass over them (ours: generate with one
-new token). llama.cpp comes from llama-cpp-python 0.3.36, built from source if missing (about 11
-minutes on 2 cores; a benchmark extra, never a dependency); its f32 and q8_0 GGUFs are made from our
-converted folder with the converter its sdist ships, and Q4_1 is the original PyPI file.
+Prefill tokens/s = 512 prompt tokens / time of one forward pass over them that computes the last
+position's logits only (transformers: `logits_to_keep=1`; ours: generate with one new token).
+
+llama.cpp comes from llama-cpp-python 0.3.36, a benchmark extra, never a dependency: when missing
+it is installed into the running environment, built from source where pip finds no wheel
+(about 11 minutes on 2 cores), with sentencepiece, which llama.cpp's converter needs. Its f32 and
+q8_0 GGUFs are made from our converted folder with the converter its sdist ships, Q4_0 from the f32
+one with llama.cpp's own quantizer, and Q4_1 is the original PyPI file. For each file, flash
+attention (on, off) and the KV cache type (f16, f32) are chosen by a short selection run, per
+figure, and the faster setting is then measured.
 """
 
 from __future__ import annotations
@@ -100,7 +108,7 @@ def hf_measurements(model: Any, pad_id: int, work: Workload) -> Measurements:
 
     def forward() -> None:
         with torch.inference_mode():
-            model(long)
+            model(long, logits_to_keep=1)  # the last position's logits, as the others compute
 
     return {"hf_fp32": (n, generate), "prefill_hf_fp32": (len(work.long), forward)}
 
@@ -112,34 +120,44 @@ def ours_measurements(model_dir: Path, work: Workload) -> Measurements:
     n = work.new_tokens
     settings = GenerationSettings(max_new_tokens=n, temperature=0.0)
     one = GenerationSettings(max_new_tokens=1, temperature=0.0)
+
+    def fresh(precision: str, native: bool) -> Any:
+        engine = Engine.from_pretrained(model_dir, precision=precision, native=native)
+        engine.eos_token_ids = set()  # produce exactly n tokens, like the other backends
+        return engine
+
+    def decode(engine: Any, prompts: list[list[int]]) -> Callable[[], None]:
+        def run() -> None:
+            out = engine.generate(prompts, settings)
+            assert all(len(o) == n for o in out), [len(o) for o in out]
+        return run
+
     found: Measurements = {}
     # Each precision twice: decoding in the native C step (what the engine does) and in torch
     # operators (what it does without a C compiler), to show what the native step is worth.
     for precision in ("fp32", "int8", "int4"):
         for native in (True, False):
-            engine = Engine.from_pretrained(model_dir, precision=precision, native=native)
-            engine.eos_token_ids = set()  # produce exactly n tokens, like the other backends
             suffix = "" if native else "_torch_ops"
-
-            def generate(prompts: list[list[int]], engine: Any = engine) -> None:
-                out = engine.generate(prompts, settings)
-                assert all(len(o) == n for o in out), [len(o) for o in out]
-
-            found[f"ours_{precision}{suffix}"] = (n, lambda g=generate: g([work.prompt]))
-            if precision != "int4" and native:
-                found[f"prefill_ours_{precision}"] = (len(work.long), lambda e=engine: e.generate([work.long], one))
+            found[f"ours_{precision}{suffix}"] = (n, decode(fresh(precision, native), [work.prompt]))
+            if native:
+                found[f"prefill_ours_{precision}"] = (
+                    len(work.long), lambda e=fresh(precision, native): e.generate([work.long], one))
             if precision == "int8":
-                found[f"ours_batch8_aggregate{suffix}"] = (n * len(work.batch), lambda g=generate: g(work.batch))
+                found[f"ours_batch8_aggregate{suffix}"] = (n * len(work.batch),
+                                                           decode(fresh(precision, native), work.batch))
     return found
 
 
 def ensure_llama_cpp(cache: Path) -> Path:
-    """Install llama-cpp-python if missing and return its unpacked sdist (for the GGUF converter)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        log(f"llama-cpp-python is not installed: building {LLAMA_CPP_VERSION} from source into this "
-            "environment now (about 11 minutes on 2 cores). Use --skip-llamacpp to skip the llama.cpp rows.")
-        subprocess.run([sys.executable, "-m", "pip", "install", f"llama-cpp-python=={LLAMA_CPP_VERSION}"],
-                       check=True)
+    """Install what the llama.cpp rows need where missing (llama-cpp-python, and sentencepiece,
+    which llama.cpp's converter imports) and return llama-cpp-python's unpacked sdist (for the
+    converter)."""
+    needs = {"llama_cpp": f"llama-cpp-python=={LLAMA_CPP_VERSION}", "sentencepiece": "sentencepiece"}
+    missing = [requirement for module, requirement in needs.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        log(f"installing {', '.join(missing)} for the llama.cpp rows (llama-cpp-python builds from source "
+            "where pip finds no wheel: about 11 minutes on 2 cores; --skip-llamacpp skips these rows)")
+        subprocess.run([sys.executable, "-m", "pip", "install", *missing], check=True)
         importlib.invalidate_caches()
     return llama_cpp_sdist(cache)
 
@@ -159,8 +177,20 @@ def llama_cpp_sdist(cache: Path) -> Path:
 
 
 def llama_cpp_ggufs(model_dir: Path, source: Path, cache: Path) -> dict[str, Path]:
-    """f32 and q8_0 GGUFs converted from our folder (once), plus the original Q4_1."""
+    """f32, q8_0 and Q4_0 GGUFs made from our folder (once), plus the original Q4_1."""
+    import llama_cpp
+
     files = {outtype: converted_gguf(model_dir, source, cache, outtype) for outtype in ("f32", "q8_0")}
+    target = cache / f"{model_dir.name}.q4_0.gguf"
+    if not target.is_file():  # the converter writes no 4-bit types: llama.cpp's quantizer does
+        log(f"quantizing {model_dir.name} to Q4_0 with llama.cpp")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.nthread = THREADS
+        with atomic_path(target) as tmp:
+            if llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(tmp).encode(), params) != 0:
+                raise RuntimeError("llama.cpp's quantizer failed to write Q4_0")
+    files["q4_0"] = target
     files["q4_1"] = Path(default_causal_lm_gguf())
     return files
 
@@ -190,28 +220,63 @@ def hf_view(model_dir: Path, view: Path) -> Path:
     return view
 
 
-def llama_cpp_measurements(files: dict[str, Path], work: Workload) -> Measurements:
-    from llama_cpp import Llama
+#: llama.cpp instances the bench loaded, kept alive to the end (see `llama_cpp_measurements`).
+_LOADED: list[Any] = []
+#: llama.cpp settings tried per file and figure: flash attention, and the KV cache type (ggml type id).
+LLAMA_CPP_SETTINGS = [(flash, kv) for flash in (False, True) for kv in ("f16", "f32")]
+
+
+def llama_cpp_measurements(files: dict[str, Path], work: Workload) -> tuple[Measurements, dict[str, str]]:
+    """Each file's decode and prefill calls at the setting that was faster for that figure in a
+    short selection run (a shorter generation, one timing each), and the settings chosen."""
+    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
 
     n = work.new_tokens
-    found: Measurements = {}
-    for name, path in files.items():
-        llm = Llama(str(path), n_ctx=len(work.long) + n + 64, n_batch=len(work.long),
-                    n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    kv_types = {"f16": GGML_TYPE_F16, "f32": GGML_TYPE_F32}
 
-        def generate(llm: Any = llm) -> None:
+    def load(path: Path, flash: bool, kv: str) -> Any:
+        return Llama(str(path), n_ctx=len(work.long) + n + 64, n_batch=len(work.long), n_threads=THREADS,
+                     n_threads_batch=THREADS, flash_attn=flash, type_k=kv_types[kv], type_v=kv_types[kv],
+                     verbose=False)
+
+    def calls(llm: Any, tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
+        def generate() -> None:
             llm.reset()  # no reuse of the previous run's prompt cache
             for count, _ in enumerate(llm.generate(work.prompt, temp=0.0, top_k=1), start=1):
-                if count == n:  # llama.cpp's generator ignores end-of-sequence; we stop it here
+                if count == tokens:  # llama.cpp's generator ignores end-of-sequence; we stop it here
                     break
 
-        def prefill(llm: Any = llm) -> None:
+        def prefill() -> None:
             llm.reset()
             llm.eval(work.long)
 
-        found[f"llamacpp_{name}"] = (n, generate)
-        found[f"prefill_llamacpp_{name}"] = (len(work.long), prefill)
-    return found
+        return generate, prefill
+
+    def seconds(call: Callable[[], None]) -> float:
+        call()  # warm-up
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+    found: Measurements = {}
+    chosen: dict[str, str] = {}
+    for name, path in files.items():
+        trials, llms = {}, {}
+        for flash, kv in LLAMA_CPP_SETTINGS:
+            # Every instance stays loaded until the process ends (the file is mapped once, so they
+            # share its memory): closing one and collecting it later can crash llama-cpp-python.
+            llms[flash, kv] = llm = load(path, flash, kv)
+            generate, prefill = calls(llm, max(8, n // 4))
+            trials[flash, kv] = (seconds(generate), seconds(prefill))
+        for figure, index, key in (("decode", 0, f"llamacpp_{name}"), ("prefill", 1, f"prefill_llamacpp_{name}")):
+            flash, kv = min(trials, key=lambda setting: trials[setting][index])
+            chosen[key] = f"flash_attn={'on' if flash else 'off'}, kv={kv}"
+            generate, prefill = calls(llms[flash, kv], n)
+            found[key] = (n, generate) if figure == "decode" else (len(work.long), prefill)
+        _LOADED.extend(llms.values())
+        log(f"llama.cpp {name}: decode at {chosen[f'llamacpp_{name}']}, "
+            f"prefill at {chosen[f'prefill_llamacpp_{name}']}")
+    return found, chosen
 
 
 def measure(measurements: Measurements, repeats: int) -> dict[str, float]:
@@ -229,18 +294,24 @@ def measure(measurements: Measurements, repeats: int) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in rates.items()}
 
 
-def cold_start(repeat: int = 2) -> dict[str, float]:
-    """Run `slm generate --precision int8` `repeat` times; the last run's start-to-first-byte time counts.
+def cold_start(runs: int = 3) -> dict[str, float]:
+    """Start `slm generate --precision int8` `runs` times after one untimed run; medians of the
+    time from process start to the first byte of output, its CPU seconds and peak RSS.
 
-    Earlier runs fill the caches a user's second run would find (converted model, quantized weights,
-    the page cache). Peak RSS and CPU seconds are that child's own, from wait4; with one new token
-    the CPU time is what reaching the first token costs, a figure other processes barely disturb.
+    The untimed run fills the caches a user's second run would find (converted model, quantized
+    weights, compiled kernel, the page cache). Each child is pinned to the first THREADS CPUs with
+    OpenMP's threads bound to them, as the other figures run. Peak RSS and CPU seconds are that
+    child's own, from wait4; with one new token the CPU time is what reaching the first token
+    costs, a figure other processes barely disturb.
     """
     command = [sys.executable, "-m", "smallmighty.cli", "generate", "--precision", "int8", "--max-new-tokens", "1"]
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    for attempt in range(1, repeat + 1):
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS), "OMP_PROC_BIND": "close"}
+    cpus = sorted(os.sched_getaffinity(0))[:THREADS]
+    figures: dict[str, list[float]] = {"cold_start_s": [], "cold_start_cpu_s": [], "peak_rss_mb": []}
+    for attempt in range(runs + 1):
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0,
+                                 preexec_fn=lambda: os.sched_setaffinity(0, cpus))
         first = child.stdout.read(1)
         first_byte = time.perf_counter() - start
         child.stdout.read()
@@ -248,10 +319,13 @@ def cold_start(repeat: int = 2) -> dict[str, float]:
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         if child.returncode != 0 or not first:
             raise RuntimeError(f"`{' '.join(command)}` failed with status {child.returncode}")
-        cpu = usage.ru_utime + usage.ru_stime
-        log(f"slm generate, run {attempt}: first token after {first_byte:.2f} s ({cpu:.2f} CPU s), "
-            f"peak RSS {usage.ru_maxrss / 1024:.0f} MB")
-    return {"cold_start_s": first_byte, "cold_start_cpu_s": cpu, "peak_rss_mb": usage.ru_maxrss / 1024}
+        cpu, rss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+        log(f"slm generate, {'untimed run' if attempt == 0 else f'run {attempt}'}: first token after "
+            f"{first_byte:.2f} s ({cpu:.2f} CPU s), peak RSS {rss:.0f} MB")
+        if attempt:
+            for key, value in zip(figures, (first_byte, cpu, rss)):
+                figures[key].append(value)
+    return {key: statistics.median(values) for key, values in figures.items()}
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -260,7 +334,7 @@ ROWS = [  # label, decode key, prefill key
     ("transformers fp32", "hf_fp32", "prefill_hf_fp32"),
     ("ours fp32", "ours_fp32", "prefill_ours_fp32"),
     ("ours int8", "ours_int8", "prefill_ours_int8"),
-    ("ours int4", "ours_int4", None),
+    ("ours int4", "ours_int4", "prefill_ours_int4"),
     ("ours int8, batch 8 (aggregate)", "ours_batch8_aggregate", None),
     ("ours fp32, torch operators", "ours_fp32_torch_ops", None),
     ("ours int8, torch operators", "ours_int8_torch_ops", None),
@@ -268,11 +342,15 @@ ROWS = [  # label, decode key, prefill key
     ("ours int8 batch 8, torch operators", "ours_batch8_aggregate_torch_ops", None),
     ("llama.cpp f32", "llamacpp_f32", "prefill_llamacpp_f32"),
     ("llama.cpp q8_0", "llamacpp_q8_0", "prefill_llamacpp_q8_0"),
+    ("llama.cpp Q4_0", "llamacpp_q4_0", "prefill_llamacpp_q4_0"),
     ("llama.cpp Q4_1", "llamacpp_q4_1", "prefill_llamacpp_q4_1"),
 ]
 RATIOS = {
     "ratio_ours_fp32_vs_llamacpp_f32": ("ours_fp32", "llamacpp_f32"),
     "ratio_ours_int8_vs_llamacpp_q8_0": ("ours_int8", "llamacpp_q8_0"),
+    "ratio_ours_int4_vs_llamacpp_q4_0": ("ours_int4", "llamacpp_q4_0"),
+    "ratio_ours_int4_vs_llamacpp_q4_1": ("ours_int4", "llamacpp_q4_1"),
+    "ratio_ours_int4_vs_ours_int8": ("ours_int4", "ours_int8"),
     "ratio_ours_int8_vs_hf_fp32": ("ours_int8", "hf_fp32"),
     "ratio_batch8_vs_batch1": ("ours_batch8_aggregate", "ours_batch1"),
     "ratio_int8_native_vs_torch_ops": ("ours_int8", "ours_int8_torch_ops"),
@@ -281,7 +359,7 @@ RATIOS = {
 }
 
 
-def report(results: dict[str, float], args: argparse.Namespace) -> None:
+def report(results: dict[str, float], settings: dict[str, str], args: argparse.Namespace) -> None:
     if "ours_int8" in results:
         results["ours_batch1"] = results["ours_int8"]  # the batch-8 run is at int8 too
     for key, (num, den) in RATIOS.items():
@@ -296,12 +374,14 @@ def report(results: dict[str, float], args: argparse.Namespace) -> None:
     print(f"{'backend':32} {'decode tok/s':>13} {f'prefill {args.prefill_tokens} tok/s':>18}")
     for label, decode, prefill in ROWS:
         print(f"{label:32} {cell(decode):>13} {cell(prefill):>18}")
+    for key, setting in settings.items():
+        print(f"{key:45} {setting}")
     for key in RATIOS:
         if key in results:
             print(f"{key:45} {results[key]:6.2f}x")
     if "cold_start_s" in results:
-        print(f"cold start, `slm generate --precision int8` (2nd run): first token after "
-              f"{results['cold_start_s']:.2f} s ({results['cold_start_cpu_s']:.2f} CPU s), "
+        print(f"cold start, `slm generate --precision int8` (median of 3 after one untimed run): first "
+              f"token after {results['cold_start_s']:.2f} s ({results['cold_start_cpu_s']:.2f} CPU s), "
               f"peak RSS {results['peak_rss_mb']:.0f} MB")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
@@ -330,11 +410,14 @@ def main() -> None:
     work = Workload(tokenizer, args.new_tokens, args.prefill_tokens)
     log(f"{len(work.prompt)}-token chat prompt, {args.new_tokens} new tokens, {len(work.long)}-token prefill")
     measurements = hf_measurements(model, tokenizer.eos_token_id, work) | ours_measurements(model_dir, work)
+    settings: dict[str, str] = {}
     if not args.skip_llamacpp:
         cache = cache_dir("bench")
-        measurements |= llama_cpp_measurements(llama_cpp_ggufs(model_dir, ensure_llama_cpp(cache), cache), work)
+        source = ensure_llama_cpp(cache)
+        found, settings = llama_cpp_measurements(llama_cpp_ggufs(model_dir, source, cache), work)
+        measurements |= found
     results |= measure(measurements, args.repeats)
-    report(results, args)
+    report(results, settings, args)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,20 @@
  * pre-scaled by 1/sqrt(head_dim) and each head's rotary pairs interleaved (x0, y0, x1, y1, ...);
  * gate/up fused; the cache of each layer is [batch, 2 * kv_heads, slots, head_dim] with keys in
  * the first kv_heads channels. Weights are float32 [out, in], int8 [out, in] with one scale per
- * row, or int4 codes [out, in / 2] (even input in the low nibble) with a bfloat16 (scale, zero)
- * pair per group of inputs: w = (q - 8) * scale + zero.
+ * row, or int4 records (`int4_native_records` in quantize.py): for each 16 output rows and 32
+ * inputs, the rows' codes q in [0, 15] interleaved lane by lane, then their float16 scale and
+ * low: w = q * scale + low.
  *
- * Numerics: float32 and int4 weights are widened to float in registers and multiplied by float32
- * activations, so results equal the dequantized weights times the activations up to summation
- * order. int8 with AVX-512 VNNI turns each activation row into 16-bit integer codes against its
- * largest magnitude (relative error < 2^-15 of that) for the integer dot-product instruction.
- * A row's result never depends on the other rows of the batch.
+ * Numerics: float32 weights, and int8 ones without AVX-512 VNNI, are widened to float in registers
+ * and multiplied by float32 activations, so results equal the dequantized weights times the
+ * activations up to summation order. int8 with VNNI turns each activation row into 16-bit
+ * integer codes against its largest magnitude (relative error < 2^-15 of that) for the integer
+ * dot-product instruction. int4 turns each block of 32 activations into 15-bit codes against the
+ * block's largest magnitude (relative error < 2^-15 of that), held as two 8-bit limbs for the
+ * byte dot-product instruction, multiplies them by the 4-bit codes in integers, and adds `low`
+ * times the block's exact float sum. (One 8-bit code per activation, llama.cpp's Q8 for its Q4
+ * weights, cost +3% wikitext-2 perplexity on SmolLM2-135M.) A row's result never depends on the
+ * other rows of the batch.
  *
  * The vector code uses GCC vector extensions; built with -march=native they become AVX-512 (or
  * AVX2, or NEON) instructions.
@@ -33,7 +39,9 @@
 #endif
 
 typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x64 __attribute__((vector_size(64)));
+typedef int8_t i8x64 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 enum { KIND_F32 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
 /* Rows of activations multiplied per pass over a weight row: each weight load serves them all. */
@@ -43,13 +51,18 @@ enum { KIND_F32 = 0, KIND_INT8 = 1, KIND_INT4 = 2 };
 #ifndef PREFETCH
 #define PREFETCH 4096
 #endif
+/* int4 records: 16 output rows by 32 inputs, 256 bytes of codes then 16 + 16 float16 values. */
+#define INT4_ROWS 16
+#define INT4_BLOCK 32
+#define INT4_RECORD 320
+/* int4 activations: codes of up to +-16192 per block of 32 inputs (15 bits), as two 8-bit limbs. */
+#define INT4_CODES 16192.0f
 
 typedef struct {
-    int32_t kind, out, in, group;
-    const void *weight;      /* f32 [out, in] | int8 [out, in] | uint8 [out, in / 2] */
-    const float *scale;      /* int8: [out] */
-    const uint16_t *params;  /* int4: bfloat16 (scale, zero) [out, in / group, 2] */
-    const float *bias;       /* [out] or NULL */
+    int32_t kind, out, in;
+    const void *weight;  /* f32 [out, in] | int8 [out, in] | int4 records [out / 16, in / 32, 320] */
+    const float *scale;  /* int8: [out] */
+    const float *bias;   /* [out] or NULL */
 } Linear;
 
 typedef struct {
@@ -67,26 +80,29 @@ typedef struct {
 
 /* Per-step scratch, shared by the threads. */
 typedef struct {
-    float *xn;      /* normalised input of the next matmul [batch, max_in] */
-    float *xperm;   /* int4 input, each group reordered to (even inputs, odd inputs) */
-    float *xsum;    /* int4 input, sum over each group [batch, max_in / group] */
-    int16_t *xq;    /* int8 input for VNNI: 16-bit codes [batch, max_in] */
-    float *xstep;   /* int8 input for VNNI: per row, the value of one 16-bit step [batch] */
-    float *qkv;     /* [batch, (heads + 2 * kv_heads) * head_dim] */
-    float *att;     /* [batch, heads * head_dim] */
-    float *act;     /* [batch, inter] */
-    float *scores;  /* per thread [slots] */
+    float *xn;       /* normalised input of the next matmul [batch, max_in] */
+    int16_t *xq;     /* int8 input for VNNI: 16-bit codes [batch, max_in] */
+    float *xstep;    /* int8 input for VNNI: per row, the value of one 16-bit step [batch] */
+    int8_t *xq8;     /* int4 input: per block of 32, 32 high then 32 low 8-bit limbs [batch, 2 * max_in] */
+    float *xbstep;   /* int4 input: per block of 32, the value of one code step [batch, max_in / 32] */
+    float *xbsum;    /* int4 input: per block of 32, the sum of the inputs [batch, max_in / 32] */
+    float *qkv;      /* [batch, (heads + 2 * kv_heads) * head_dim] */
+    float *att;      /* [batch, heads * head_dim] */
+    float *act;      /* [batch, inter] */
+    float *scores;   /* per thread [slots] */
 } Scratch;
 
 /* The input rows of one matmul, as its weight kind's kernel reads them. */
 typedef struct {
-    const float *x;        /* float rows (int4: reordered per group) */
+    const float *x;        /* float rows */
     int ld;
-    const float *sum;      /* int4: per-group sums of x */
-    int ldsum;
     const int16_t *q;      /* int8 with VNNI: 16-bit codes of x */
     int ldq;
     const float *step;     /* int8 with VNNI: per row, the value of one code step */
+    const int8_t *q8;      /* int4: per block of 32, the high then the low limbs of x's codes */
+    const float *bstep;    /* int4: per block, the value of one code step */
+    const float *bsum;     /* int4: per block, the sum of x */
+    int ldblocks;
 } Input;
 
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -126,8 +142,8 @@ static inline f32x16 load_f32(const float *p) {
 static inline f32x16 load_i8(const int8_t *p) {
     return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
-static inline f32x16 widen_u8(u8x16 v) {
-    return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32((__m128i)v));
+static inline f32x16 load_f16(const uint16_t *p) {
+    return (f32x16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
@@ -142,10 +158,9 @@ static inline f32x16 load_i8(const int8_t *p) {
     return halves(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
 }
-static inline f32x16 widen_u8(u8x16 u) {
-    __m128i v = (__m128i)u;
-    return halves(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
-                  _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
+static inline f32x16 load_f16(const uint16_t *p) {  /* AVX2 machines all have F16C */
+    return halves(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
 }
 #else
 static inline f32x16 load_i8(const int8_t *p) {
@@ -153,12 +168,61 @@ static inline f32x16 load_i8(const int8_t *p) {
     for (int i = 0; i < 16; i++) v[i] = p[i];
     return v;
 }
-static inline f32x16 widen_u8(u8x16 u) {
+static inline float f16(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023;
+    uint32_t bits;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        const float v = (float)mantissa * (1.0f / 16777216.0f);
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else if (exponent == 31) {
+        bits = sign | 0x7f800000u | mantissa << 13;
+    } else {
+        bits = sign | (exponent + 112) << 23 | mantissa << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+static inline f32x16 load_f16(const uint16_t *p) {
     f32x16 v;
-    for (int i = 0; i < 16; i++) v[i] = u[i];
+    for (int i = 0; i < 16; i++) v[i] = f16(p[i]);
     return v;
 }
 #endif
+
+/* acc[l] += the dot product of the 4 unsigned bytes w[4l..4l+3] with the 4 signed bytes x[4l..4l+3],
+ * for the 16 lanes l: one instruction with AVX-512 VNNI. Products fit the 16-bit sums of the
+ * other paths because w < 16. */
+static inline i32x16 dot4(i32x16 acc, u8x64 w, i8x64 x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return (i32x16)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, (__m512i)x);
+#elif defined(__AVX512BW__)
+    const __m512i pairs = _mm512_maddubs_epi16((__m512i)w, (__m512i)x);
+    return acc + (i32x16)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+#elif defined(__AVX2__)
+    __m256i wh[2], xh[2], ah[2];
+    memcpy(wh, &w, 64);
+    memcpy(xh, &x, 64);
+    memcpy(ah, &acc, 64);
+    for (int h = 0; h < 2; h++)
+        ah[h] = _mm256_add_epi32(ah[h], _mm256_madd_epi16(_mm256_maddubs_epi16(wh[h], xh[h]),
+                                                          _mm256_set1_epi16(1)));
+    memcpy(&acc, ah, 64);
+    return acc;
+#else
+    for (int l = 0; l < 16; l++)
+        for (int i = 0; i < 4; i++) acc[l] += (int32_t)w[4 * l + i] * x[4 * l + i];
+    return acc;
+#endif
+}
+
+/* The 4 bytes at p repeated in every lane. */
+static inline i8x64 broadcast4(const int8_t *p) {
+    int32_t word;
+    memcpy(&word, p, 4);
+    return (i8x64)((i32x16){0} + word);
+}
 
 enum { STORE = 0, ADD = 1, SWIGLU = 2 };
 
@@ -212,7 +276,7 @@ static inline __attribute__((always_inline)) void dot_rows_vnni(const Linear *L,
 }
 #endif
 
-/* Dot products of R weight rows n[0..R) with B input rows: out[r * B + b]. Several weight rows per
+/* Dot products of R float32 or int8 weight rows n[0..R) with B input rows: out[r * B + b]. Several weight rows per
  * pass give independent FMA chains even at B = 1; rows may repeat (a matrix's leftover rows are
  * padded with its last row). */
 static inline __attribute__((always_inline)) void dot_rows(const Linear *L, int kind, const int *n,
@@ -235,57 +299,31 @@ static inline __attribute__((always_inline)) void dot_rows(const Linear *L, int 
             acc[r][b] = (f32x16){0};
             tail[r][b] = 0.0f;
         }
-    if (kind == KIND_F32 || kind == KIND_INT8) {
-        const int wide = kind == KIND_F32;
-        const char *w[MAXR];
-        for (int r = 0; r < R; r++) w[r] = (const char *)L->weight + (size_t)n[r] * K * (wide ? 4 : 1);
-        /* The R rows are one contiguous block (rows n[0]..n[0]+R-1) read 16 inputs at a time, so
-         * each step reads R * 16 weights of it: prefetch that much memory PREFETCH bytes ahead.
-         * Rows are short (576 inputs: 9 to 36 cache lines), too short for the hardware prefetcher
-         * to follow; without this a core waits on memory at about half its streaming speed. */
-        const int step = R * 16 * (wide ? 4 : 1);
-        const char *ahead = w[0] + PREFETCH;
-        int k = 0;
-        for (; k + 16 <= K; k += 16) {
-            for (int line = 0; line < step; line += 64) __builtin_prefetch(ahead + k / 16 * step + line);
-            f32x16 wv[MAXR];
-            for (int r = 0; r < R; r++)
-                wv[r] = wide ? load_f32((const float *)w[r] + k) : load_i8((const int8_t *)w[r] + k);
-            for (int b = 0; b < B; b++) {
-                f32x16 xv = load_f32(x + (size_t)b * ldx + k);
-                for (int r = 0; r < R; r++) acc[r][b] += wv[r] * xv;
-            }
-        }
-        for (; k < K; k++)
-            for (int r = 0; r < R; r++) {
-                const float wk = wide ? ((const float *)w[r])[k] : ((const int8_t *)w[r])[k];
-                for (int b = 0; b < B; b++) tail[r][b] += wk * x[(size_t)b * ldx + k];
-            }
-    } else { /* int4: x is reordered per group (evens then odds); groups are multiples of 32 */
-        const int G = L->group, groups = K / G;
-        for (int r = 0; r < R; r++) {
-            const uint8_t *w = (const uint8_t *)L->weight + (size_t)n[r] * (K / 2);
-            const uint16_t *p = L->params + (size_t)n[r] * groups * 2;
-            for (int g = 0; g < groups; g++) {
-                const float s = bf16(p[2 * g]), z = bf16(p[2 * g + 1]) - 8.0f * s;
-                f32x16 dot[MAXB];
-                for (int b = 0; b < B; b++) dot[b] = (f32x16){0};
-                for (int j = 0; j < G / 2; j += 16) {
-                    u8x16 codes;
-                    memcpy(&codes, w + g * (G / 2) + j, 16);
-                    f32x16 lo = widen_u8(codes & 15), hi = widen_u8(codes >> 4);
-                    for (int b = 0; b < B; b++) {
-                        const float *xb = x + (size_t)b * ldx + g * G + j;
-                        dot[b] += lo * load_f32(xb) + hi * load_f32(xb + G / 2);
-                    }
-                }
-                for (int b = 0; b < B; b++) {
-                    acc[r][b] += dot[b] * s;
-                    tail[r][b] += z * in->sum[(size_t)b * in->ldsum + g];
-                }
-            }
+    const int wide = kind == KIND_F32;
+    const char *w[MAXR];
+    for (int r = 0; r < R; r++) w[r] = (const char *)L->weight + (size_t)n[r] * K * (wide ? 4 : 1);
+    /* The R rows are one contiguous block (rows n[0]..n[0]+R-1) read 16 inputs at a time, so
+     * each step reads R * 16 weights of it: prefetch that much memory PREFETCH bytes ahead.
+     * Rows are short (576 inputs: 9 to 36 cache lines), too short for the hardware prefetcher
+     * to follow; without this a core waits on memory at about half its streaming speed. */
+    const int step = R * 16 * (wide ? 4 : 1);
+    const char *ahead = w[0] + PREFETCH;
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        for (int line = 0; line < step; line += 64) __builtin_prefetch(ahead + k / 16 * step + line);
+        f32x16 wv[MAXR];
+        for (int r = 0; r < R; r++)
+            wv[r] = wide ? load_f32((const float *)w[r] + k) : load_i8((const int8_t *)w[r] + k);
+        for (int b = 0; b < B; b++) {
+            f32x16 xv = load_f32(x + (size_t)b * ldx + k);
+            for (int r = 0; r < R; r++) acc[r][b] += wv[r] * xv;
         }
     }
+    for (; k < K; k++)
+        for (int r = 0; r < R; r++) {
+            const float wk = wide ? ((const float *)w[r])[k] : ((const int8_t *)w[r])[k];
+            for (int b = 0; b < B; b++) tail[r][b] += wk * x[(size_t)b * ldx + k];
+        }
     for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) {
             float v = hsum(acc[r][b]) + tail[r][b];
@@ -329,13 +367,85 @@ static inline __attribute__((always_inline)) void rows_pass(const Linear *L, int
     }
 }
 
+/* int4: the 16 output rows of record row r (lane l: row 16 r + l) for B input rows: out[b].
+ *
+ * Per block of 32 inputs, the 256 bytes of codes are split into 8 vectors of nibbles (each lane
+ * holding 4 codes of its row), then for each input row 8 integer dot-product instructions per
+ * limb, each with 4 activation limbs broadcast to every lane, give the 16 rows' integer dot
+ * products at once; one multiply-add by the rows' scales (times the block's code step) and one by
+ * their lows (times the block's sum) move them to float. */
+static inline __attribute__((always_inline)) void int4_rows(const Linear *L, int r, int B,
+                                                              const Input *in, f32x16 *out) {
+    const int blocks = L->in / INT4_BLOCK;
+    const uint8_t *record = (const uint8_t *)L->weight + (size_t)r * blocks * INT4_RECORD;
+    f32x16 scaled[MAXB], lows[MAXB];
+    for (int b = 0; b < B; b++) scaled[b] = lows[b] = (f32x16){0};
+    for (int g = 0; g < blocks; g++, record += INT4_RECORD) {
+        for (int line = 0; line < INT4_RECORD; line += 64) __builtin_prefetch(record + PREFETCH + line);
+        u8x64 codes[8];
+        for (int j = 0; j < 4; j++) {
+            u8x64 v;
+            memcpy(&v, record + 64 * j, 64);
+            codes[2 * j] = v & 15;      /* inputs 8j..8j+3 of the block */
+            codes[2 * j + 1] = v >> 4;  /* inputs 8j+4..8j+7 */
+        }
+        const f32x16 scale = load_f16((const uint16_t *)(record + 256));
+        const f32x16 low = load_f16((const uint16_t *)(record + 288));
+        for (int b = 0; b < B; b++) {
+            const int8_t *x = in->q8 + (size_t)b * in->ld + g * 2 * INT4_BLOCK;
+            i32x16 high = {0}, low_limb = {0};
+            for (int c = 0; c < 8; c++) {
+                high = dot4(high, codes[c], broadcast4(x + 4 * c));
+                low_limb = dot4(low_limb, codes[c], broadcast4(x + INT4_BLOCK + 4 * c));
+            }
+            const size_t at = (size_t)b * in->ldblocks + g;
+            /* At most 32 * 15 * 16192 in magnitude: exact in int32 and in float. */
+            scaled[b] += __builtin_convertvector(high * 128 + low_limb, f32x16) * (scale * in->bstep[at]);
+            lows[b] += low * in->bsum[at];
+        }
+    }
+    for (int b = 0; b < B; b++) {
+        out[b] = scaled[b] + lows[b];
+        if (L->bias)
+            for (int l = 0; l < INT4_ROWS && INT4_ROWS * r + l < L->out; l++) out[b][l] += L->bias[INT4_ROWS * r + l];
+    }
+}
+
+/* The int4 rows of one matmul shared out between the threads, 16 at a time, for nb <= MAXB
+ * inputs. With SWIGLU the up rows start a whole record row after the gate rows (the engine
+ * uses int4 gate/up layers only when the intermediate size is a multiple of 16). */
+static inline __attribute__((always_inline)) void int4_pass(const Linear *L, int nb, int rows,
+                                                              const Input *in, float *y, int ldy,
+                                                              int mode) {
+#pragma omp for schedule(static)
+    for (int r = 0; r < (rows + INT4_ROWS - 1) / INT4_ROWS; r++) {
+        f32x16 out[MAXB];
+        int4_rows(L, r, nb, in, out);
+        if (mode == SWIGLU) {
+            f32x16 up[MAXB];
+            int4_rows(L, r + rows / INT4_ROWS, nb, in, up);
+            for (int b = 0; b < nb; b++)
+                for (int l = 0; l < INT4_ROWS; l++) out[b][l] = out[b][l] / (1.0f + expf(-out[b][l])) * up[b][l];
+        }
+        const int n0 = INT4_ROWS * r, count = rows - n0 < INT4_ROWS ? rows - n0 : INT4_ROWS;
+        for (int b = 0; b < nb; b++)
+            for (int l = 0; l < count; l++) {
+                float *dst = y + (size_t)b * ldy + n0 + l;
+                *dst = mode == ADD ? *dst + out[b][l] : out[b][l];
+            }
+    }
+}
+
 /* One function per weight kind and number of input rows, so that each keeps its accumulators in
  * registers (constants R and nb) and holds only its own kernel. */
 typedef void (*Pass)(const Linear *, int, const Input *, float *, int, int);
 #define PASS(kind, b)                                                                          \
     static void pass_##kind##_##b(const Linear *L, int rows, const Input *in, float *y, int ldy, \
                                   int mode) {                                                  \
-        rows_pass(L, kind, b, rows, in, y, ldy, mode);                                         \
+        if (kind == KIND_INT4)                                                                 \
+            int4_pass(L, b, rows, in, y, ldy, mode);                                           \
+        else                                                                                   \
+            rows_pass(L, kind, b, rows, in, y, ldy, mode);                                     \
     }
 #define PASSES(kind) PASS(kind, 1) PASS(kind, 2) PASS(kind, 3) PASS(kind, 4) PASS(kind, 5) \
                      PASS(kind, 6) PASS(kind, 7) PASS(kind, 8)
@@ -352,23 +462,28 @@ static const Pass PASS_TABLE[3][MAXB] = {ROW(KIND_F32), ROW(KIND_INT8), ROW(KIND
 /* Prepare the input x [B, K] (row stride ldx) the way the kernel of L's weight kind reads it. */
 static Input prepare(const Linear *L, int B, const float *x, int ldx, Scratch *s) {
     const int K = L->in;
-    Input in = {x, ldx, s->xsum, 0, s->xq, K, s->xstep};
+    Input in = {x, ldx, s->xq, K, s->xstep, s->xq8, s->xbstep, s->xbsum, K / INT4_BLOCK};
     if (L->kind == KIND_INT4) {
-        const int G = L->group;
-        in.x = s->xperm;
-        in.ld = K;
-        in.ldsum = K / G;
+        in.ld = 2 * K;
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++)
-            for (int g = 0; g < K / G; g++) {
-                const float *src = x + (size_t)b * ldx + g * G;
-                float *dst = s->xperm + (size_t)b * K + g * G, sum = 0.0f;
-                for (int j = 0; j < G / 2; j++) {
-                    dst[j] = src[2 * j];
-                    dst[G / 2 + j] = src[2 * j + 1];
-                    sum += src[2 * j] + src[2 * j + 1];
+            for (int g = 0; g < K / INT4_BLOCK; g++) {
+                const float *block = x + (size_t)b * ldx + g * INT4_BLOCK;
+                int8_t *q = s->xq8 + (size_t)b * 2 * K + g * 2 * INT4_BLOCK;
+                float top = 0.0f, sum = 0.0f;
+                for (int k = 0; k < INT4_BLOCK; k++) {
+                    top = fabsf(block[k]) > top ? fabsf(block[k]) : top;
+                    sum += block[k];
                 }
-                s->xsum[(size_t)b * in.ldsum + g] = sum;
+                /* c = 128 * high + low with low in [-64, 63]: |c| <= 16192 keeps high in [-127, 127]. */
+                const float to_code = top > 0.0f ? INT4_CODES / top : 0.0f;
+                for (int k = 0; k < INT4_BLOCK; k++) {
+                    const int c = (int)rintf(block[k] * to_code), high = (c + 64) >> 7;
+                    q[k] = (int8_t)high;
+                    q[INT4_BLOCK + k] = (int8_t)(c - 128 * high);
+                }
+                s->xbstep[(size_t)b * in.ldblocks + g] = top / INT4_CODES;
+                s->xbsum[(size_t)b * in.ldblocks + g] = sum;
             }
     }
 #ifdef VNNI
@@ -399,9 +514,11 @@ static void linear(const Linear *L, int B, const float *x, int ldx, float *y, in
         const int nb = B - b0 < MAXB ? B - b0 : MAXB;
         Input in = all;
         in.x += (size_t)b0 * in.ld;
-        in.sum += (size_t)b0 * in.ldsum;
         in.q += (size_t)b0 * in.ldq;
         in.step += b0;
+        in.q8 += (size_t)b0 * in.ld;
+        in.bstep += (size_t)b0 * in.ldblocks;
+        in.bsum += (size_t)b0 * in.ldblocks;
         PASS_TABLE[L->kind][nb - 1](L, rows, &in, y + (size_t)b0 * ldy, ldy, mode);
     }
 }
@@ -499,22 +616,23 @@ int slm_decode(const Model *m, int batch, float *h, float *const *kv, int slots,
     /* The widest input of any matmul: hidden, intermediate or the attention output. */
     int max_in = hidden > m->inter ? hidden : m->inter;
     if (hq * d > max_in) max_in = hq * d;
-    const size_t n_xn = (size_t)batch * max_in, n_qkv = (size_t)batch * qkv_width,
-                 n_att = (size_t)batch * hq * d, n_act = (size_t)batch * m->inter,
-                 n_scores = (size_t)threads * slots;
-    /* xq needs 2 bytes per input value: half a float. */
-    float *buffer = malloc(sizeof(float) * (3 * n_xn + n_xn / 2 + batch + n_qkv + n_att + n_act +
-                                            n_scores) + 64);
+    const size_t n_xn = (size_t)batch * max_in, n_blocks = (size_t)batch * (max_in / INT4_BLOCK + 1),
+                 n_qkv = (size_t)batch * qkv_width, n_att = (size_t)batch * hq * d,
+                 n_act = (size_t)batch * m->inter, n_scores = (size_t)threads * slots;
+    const size_t n_floats = n_xn + batch + 2 * n_blocks + n_qkv + n_att + n_act + n_scores;
+    /* The 16- and 8-bit codes go after the floats. */
+    float *buffer = malloc(sizeof(float) * n_floats + 4 * n_xn + 64);
     if (!buffer) return -1;
     s.xn = buffer;
-    s.xperm = s.xn + n_xn;
-    s.xsum = s.xperm + n_xn;
-    s.xstep = s.xsum + n_xn;
-    s.qkv = s.xstep + batch;
-    s.xq = (int16_t *)(s.qkv + n_qkv + n_att + n_act + n_scores);
+    s.xstep = s.xn + n_xn;
+    s.xbstep = s.xstep + batch;
+    s.xbsum = s.xbstep + n_blocks;
+    s.qkv = s.xbsum + n_blocks;
     s.att = s.qkv + n_qkv;
     s.act = s.att + n_att;
     s.scores = s.act + n_act;
+    s.xq = (int16_t *)(buffer + n_floats);
+    s.xq8 = (int8_t *)(s.xq + n_xn);
 
 #pragma omp parallel num_threads(threads)
     {

@@ -687,7 +687,7 @@ def model_from_state(config: LlamaConfig, state: dict[str, torch.Tensor], *,
 
 
 #: Bump when the engine's weight layout changes, so stale quantized caches are rebuilt.
-CACHE_FORMAT = "smallmighty-llama-4"
+CACHE_FORMAT = "smallmighty-llama-5"
 
 
 def quantization_plan(config: LlamaConfig, precision: str) -> dict[str, str]:

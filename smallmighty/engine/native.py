@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from smallmighty.cache import cache_dir as cache_dir_for
-from smallmighty.engine.quantize import INT4_GROUP_MULTIPLE
+from smallmighty.engine.quantize import NATIVE_BLOCK, NATIVE_ROWS
 from smallmighty.errors import SlmError
 from smallmighty.io import atomic_path
 
@@ -38,8 +38,7 @@ KINDS = {"f32": 0, "int8": 1, "int4": 2}
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("out", ctypes.c_int32), ("inp", ctypes.c_int32),
-                ("group", ctypes.c_int32), ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("params", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -239,20 +238,21 @@ class NativeDecoder:
     def _linear(self, module: Any) -> _Linear:
         bias = None if module.bias is None else self._tensor(module.bias)
         kind, tensors = module.native_weights()
-        weight, scale, params = tensors + (None,) * (3 - len(tensors))
+        weight, scale = tensors + (None,) * (2 - len(tensors))
         # The model's loader checked every shape against the config; these are what C relies on.
-        group = getattr(module, "group_size", 0)
-        if kind == "int4" and (group <= 0 or group % INT4_GROUP_MULTIPLE):
-            raise SlmError(f"int4 groups of {group} inputs: the native step needs a multiple of "
-                           f"{INT4_GROUP_MULTIPLE}")
-        codes = module.out_features * module.in_features // (2 if kind == "int4" else 1)
-        if weight.numel() != codes or not weight.is_contiguous():
+        if kind == "int4":
+            records = (-(-module.out_features // NATIVE_ROWS), module.in_features // NATIVE_BLOCK, 320)
+            if module.in_features % NATIVE_BLOCK or tuple(weight.shape) != records:
+                raise SlmError(f"int4 records of shape {list(weight.shape)} for a "
+                               f"{module.out_features}x{module.in_features} layer, expected {list(records)}")
+        elif weight.numel() != module.out_features * module.in_features:
             raise SlmError(f"a {kind} layer of {module.out_features}x{module.in_features} holds "
-                           f"{weight.numel()} codes")
+                           f"{weight.numel()} weights")
+        if not weight.is_contiguous():
+            raise SlmError(f"a {kind} layer's weights are not contiguous")
         self._keep.extend(t for t in tensors if t is not None)
         return _Linear(kind=KINDS[kind], out=module.out_features, inp=module.in_features,
-                       group=group, weight=_ptr(weight),
-                       scale=_ptr(scale), params=_ptr(params), bias=bias)
+                       weight=_ptr(weight), scale=_ptr(scale), bias=bias)
 
     def __call__(self, h: torch.Tensor, cache: list[torch.Tensor], slots: torch.Tensor,
                  first: torch.Tensor, rope: torch.Tensor, rows: torch.Tensor | None = None
@@ -280,5 +280,11 @@ class NativeDecoder:
 
 
 def supports(model: Any) -> bool:
-    """Whether the C step reads every layer of `model` (see each layer's `native_weights`)."""
+    """Whether the C step reads every layer of `model` (see each layer's `native_weights`).
+
+    int4 gate/up layers need an intermediate size that is a multiple of 16: the step finds a
+    gate row's up row one record row of 16 further on."""
+    if any(layer.gate_up.native_weights()[0] == "int4" and model.config.intermediate_size % NATIVE_ROWS
+           for layer in model.layers if layer.gate_up.native_weights() is not None):
+        return False
     return all(m.native_weights() is not None for m in model.linears())

@@ -4,24 +4,26 @@ Why weight-only: CPU decoding is bound by streaming weights from memory, so stor
 bits speeds every token up, while activations stay in floating point to keep accuracy.
 
 * int8: symmetric, one scale per output row: w ~= q * scale, q in [-127, 127].
-* int4: asymmetric per group of `group_size` inputs: w ~= (q - 8) * scale + zero, q in [0, 15]
-  (the convention of torch's int4 CPU kernel, so no conversion is needed at run time).
+* int4: asymmetric per group of `group_size` inputs: w ~= q * scale + low, q in [0, 15], with a
+  float16 scale and low per group: llama.cpp's Q4_1, so int4 weights made from a Q4_1 GGUF (such
+  as the default model) are those of the file exactly.
 
-Scales and zeros are bfloat16 values (stored as float32), as the kernels read them, so
-`dequantize_*` gives exactly the weights the kernels multiply by.
+int8 scales are bfloat16 values (stored as float32), as torch's kernel reads them, so
+`dequantize_*` gives exactly the weights the decode step multiplies by.
 
 Models are quantized as state dicts (`quantize_state`), which is also the on-disk form
 (`save_state` / `load_state`, safetensors): a Linear `X` stored as `X.weight` becomes `X.qweight` +
-`X.scale` (int8) or `X.packed` + `X.scale` + `X.zero` (int4, two 4-bit values per byte, the even
+`X.scale` (int8) or `X.packed` + `X.scale` + `X.low` (int4, two 4-bit values per byte, the even
 input index in the low nibble). `quantized_linear_from_state` rebuilds the matching module.
 
 Kernels: these modules serve the engine's prompt passes (its decoding steps run in the native C
 step, `smallmighty.engine.native`, which reads the same tensors through `native_weights`;
 without it they serve decoding too). They call torch's fused int8/int4 matmuls with bfloat16
-activations. With many rows those kernels are compute-bound, so once a batch of several sequences
-asks for it (`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second,
-int8 copy of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both
-paths match the dequantized weights to within bfloat16 rounding.
+activations (and int4 (scale, zero) pairs rounded to bfloat16, as torch's kernel takes them). With
+many rows those kernels are compute-bound, so once a batch of several sequences asks for it
+(`enable_rows_paths`) the modules switch to oneDNN's int8 x int8 matmul over a second, int8 copy
+of the weights, with activations split into two int8 limbs (`int8_rows_matmul`). Both paths match
+the dequantized weights to within bfloat16 rounding.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ PRECISIONS = ("fp32", "int8", "int4")
 #: Inputs per int4 group. On SmolLM2-135M (whose weights come from a Q4_1 file with blocks of 32)
 #: groups of 64/128 cost +54% wikitext-2 perplexity against +5% for 32, and were not faster.
 INT4_GROUP_SIZE = 32
-#: int4 groups must be a multiple of this: the native step reads a group's codes 16 bytes at a
-#: time, and torch's int4 kernel takes groups of 32 to 256.
+#: int4 groups must be a multiple of this: the native step works in blocks of 32 inputs, and
+#: torch's int4 kernel takes groups of 32 to 256.
 INT4_GROUP_MULTIPLE = 32
 
 def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to the nearest bfloat16, kept as float32: the kernels read scales and zeros in
+    """x rounded to the nearest bfloat16, kept as float32: torch's int8 kernel reads scales in
     bfloat16, so choosing them there makes the stored codes mean exactly what the kernels compute."""
     return x.to(torch.bfloat16).float()
 
@@ -67,20 +69,23 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric group-wise int4: returns (packed [N, K/2] uint8, scale [N, K/g], zero [N, K/g])."""
+    """Asymmetric group-wise int4: returns (packed [N, K/2] uint8, scale [N, K/g], low [N, K/g]),
+    scale and low in float16."""
     n, k = weight.shape
     if group_size <= 0 or group_size % INT4_GROUP_MULTIPLE:
         raise SlmError(f"int4 group size must be a multiple of {INT4_GROUP_MULTIPLE}, got {group_size}")
     if k % group_size:
         raise SlmError(f"int4 needs layer inputs divisible by its group size {group_size}, got {k}")
     w = weight.float().reshape(n, k // group_size, group_size)
-    low, high = w.amin(dim=2), w.amax(dim=2)
-    scale = _bf16_exact(((high - low) / 15.0).clamp(min=1e-30))
-    zero = _bf16_exact(low + 8 * scale)
-    q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
-    q = q.reshape(n, k)
+    low = w.amin(dim=2).half()
+    scale = ((w.amax(dim=2) - low.float()) / 15.0).half()
+    if not (torch.isfinite(scale).all() and torch.isfinite(low).all()):
+        raise SlmError("int4 needs weights within float16's range (|w| < 65504)")
+    step = scale.float()[..., None]
+    q = torch.where(step > 0, (w - low.float()[..., None]) / step, 0.0)
+    q = torch.round(q).clamp_(0, 15).to(torch.uint8).reshape(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, scale, zero
+    return packed, scale, low
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -88,12 +93,48 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """Float32 weights back from `quantize_int4`'s output (any leading rows selection works)."""
     q = unpack_int4(packed).float()
     group = q.shape[-1] // scale.shape[-1]
     q = q.unflatten(-1, (scale.shape[-1], group))
-    return ((q - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2)
+    return (q * scale.float().unsqueeze(-1) + low.float().unsqueeze(-1)).flatten(-2)
+
+
+#: Rows and inputs in one record of the native step's int4 layout (`int4_native_records`).
+NATIVE_ROWS, NATIVE_BLOCK = 16, 32
+
+
+def int4_native_records(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The int4 weights laid out for the native decode step: uint8 [ceil(N / 16), K / 32, 320].
+
+    Why this layout: the step multiplies 4-bit codes by 8-bit activation codes with the CPU's
+    integer dot-product instruction, which sums 4 byte products into each of 16 int32 lanes. Here
+    lane l serves output row l of a group of 16 rows, so the 4 activations of each step are the
+    same for every lane (one broadcast), each lane ends a block of 32 inputs with its row's
+    integer dot product, and one float multiply-add per block applies 16 rows' scales at once.
+
+    Record (rows 16r..16r+15, inputs 32g..32g+31): 4 pieces of 64 bytes, piece j holding, for lane
+    l at bytes 4l..4l+3, the codes of inputs 8j..8j+3 in the low nibbles and 8j+4..8j+7 in the high
+    ones; then the 16 rows' float16 scales (32 bytes) and lows (32 bytes). Rows past N are zero.
+    Groups larger than 32 repeat their scale and low over their blocks.
+    """
+    n, k = packed.shape[0], packed.shape[1] * 2
+    groups, blocks = k // scale.shape[1], k // NATIVE_BLOCK
+    codes = unpack_int4(packed)
+    rows = -(-n // NATIVE_ROWS) * NATIVE_ROWS
+    codes = F.pad(codes, (0, 0, 0, rows - n))
+    # [record row r, lane l, block g, piece j, nibble h, i] -> [r, g, j, l, i] bytes of two nibbles.
+    codes = codes.view(rows // NATIVE_ROWS, NATIVE_ROWS, blocks, 4, 2, 4)
+    pieces = (codes[..., 0, :] | (codes[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
+    pieces = pieces.reshape(rows // NATIVE_ROWS, blocks, 4 * NATIVE_ROWS * 4)
+
+    def per_block(values: torch.Tensor) -> torch.Tensor:  # [N, K / group] -> bytes [R, blocks, 32]
+        values = values.half().repeat_interleave(groups // NATIVE_BLOCK, dim=1)
+        values = F.pad(values, (0, 0, 0, rows - n)).view(rows // NATIVE_ROWS, NATIVE_ROWS, blocks)
+        return values.transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([pieces, per_block(scale), per_block(low)], dim=2).contiguous()
 
 
 #: oneDNN's int8 matmul, the batched path of the quantized layers; without it torch's kernels do all.
@@ -237,45 +278,48 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """Linear layer holding 4-bit weights with a scale and zero per group of inputs.
+    """Linear layer holding 4-bit weights with a float16 scale and low per group of inputs.
 
     Its batched path multiplies by these weights requantized to int8 per row (error at most half
     an int8 step, far below int4's own); that copy costs 1 byte per weight of memory. torch's int4
     kernel stays ahead of it up to 12-15 rows (SmolLM2-135M, batch 8: 36.5 against 39.9 ms per
-    step), so the int8 copy serves prompts and larger batches.
+    step), so the int8 copy serves prompts and larger batches. The native decode step reads its
+    own copy of the codes (`int4_native_records`), made at load.
     """
 
     rows_path_from = 16
 
-    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__(packed.shape[0], packed.shape[1] * 2, bias)
         self.group_size = self.in_features // scale.shape[1]
         self.register_buffer("packed", packed.contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("zero", zero.float().contiguous())
-        # torch's kernel wants its own tiled layout, [groups, N, (scale, zero)] parameters and N a
-        # multiple of 16: pad with zero rows and drop their outputs.
+        self.register_buffer("scale", scale.half().contiguous())
+        self.register_buffer("low", low.half().contiguous())
+        # torch's kernel wants its own tiled layout, [groups, N, (scale, zero)] bfloat16 parameters
+        # with w = (q - 8) * scale + zero, and N a multiple of 16: pad with zero rows and drop their
+        # outputs.
         pad = -self.out_features % 16
         self._padded = pad > 0
         codes = F.pad(unpack_int4(self.packed).to(torch.int32), (0, 0, 0, pad))
         self.register_buffer("_kernel_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1),
                              persistent=False)
-        params = torch.stack([self.scale.t(), self.zero.t()], dim=-1)
+        scale32 = self.scale.float()
+        params = torch.stack([scale32.t(), (self.low.float() + 8 * scale32).t()], dim=-1)
         params = F.pad(params, (0, 0, 0, pad)).to(torch.bfloat16).contiguous()
         self.register_buffer("_kernel_params", params, persistent=False)
+        self.register_buffer("_native", int4_native_records(self.packed, self.scale, self.low),
+                             persistent=False)
 
     def _rows_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_int8(self.dequantize())
 
     def weight_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        return dequantize_int4(self.packed[rows], self.scale[rows], self.zero[rows])
+        return dequantize_int4(self.packed[rows], self.scale[rows], self.low[rows])
 
     def native_weights(self) -> tuple[str, tuple[torch.Tensor, ...]]:
-        """Codes and bfloat16 (scale, zero) pairs. The C step reads a group's codes 16 bytes at a
-        time, so groups must be multiples of 32 inputs, as torch's kernel also requires."""
-        pairs = torch.stack([self.scale, self.zero], dim=-1).to(torch.bfloat16).contiguous()
-        return "int4", (self.packed, None, pairs)
+        """The records of `int4_native_records`."""
+        return "int4", (self._native,)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._kernel_weight,
@@ -307,8 +351,7 @@ def quantize_state(state: dict[str, torch.Tensor], plan: dict[str, str]) -> dict
         if precision == "int8":
             out[f"{name}.qweight"], out[f"{name}.scale"] = quantize_int8(weight)
         else:
-            packed, scale, zero = quantize_int4(weight)
-            out[f"{name}.packed"], out[f"{name}.scale"], out[f"{name}.zero"] = packed, scale, zero
+            out[f"{name}.packed"], out[f"{name}.scale"], out[f"{name}.low"] = quantize_int4(weight)
     return out
 
 
@@ -327,7 +370,7 @@ def quantized_linear_from_state(state: dict[str, torch.Tensor], name: str,
         _check_part(name, "scale", scale, (out,))
         layer: QuantizedLinear = Int8Linear(qweight, scale, bias)
     elif f"{name}.packed" in state:
-        packed, scale, zero = (state.pop(f"{name}.{part}") for part in ("packed", "scale", "zero"))
+        packed, scale, low = (state.pop(f"{name}.{part}") for part in ("packed", "scale", "low"))
         out, inp = _check_codes(name, "packed", packed, torch.uint8, shape, 2)
         groups = scale.shape[-1] if scale.dim() == 2 else 0
         if not groups or inp % groups or (inp // groups) % INT4_GROUP_MULTIPLE:
@@ -335,8 +378,8 @@ def quantized_linear_from_state(state: dict[str, torch.Tensor], name: str,
                            f"needs [{out}, groups] with groups of a multiple of "
                            f"{INT4_GROUP_MULTIPLE} of its {inp} inputs")
         _check_part(name, "scale", scale, (out, groups))
-        _check_part(name, "zero", zero, (out, groups))
-        layer = Int4Linear(packed, scale, zero, bias)
+        _check_part(name, "low", low, (out, groups))
+        layer = Int4Linear(packed, scale, low, bias)
     else:
         raise SlmError(f"weights for layer '{name}' are missing")
     if bias is not None:

@@ -28,13 +28,13 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_row():
 @pytest.mark.parametrize("group", [32, 64])
 def test_int4_round_trip_error_is_at_most_half_a_step_per_group(group):
     w = _weight()
-    packed, scale, zero = q.quantize_int4(w, group)
+    packed, scale, low = q.quantize_int4(w, group)
     assert packed.shape == (48, 64) and packed.dtype == torch.uint8 and scale.shape == (48, 128 // group)
-    back = q.dequantize_int4(packed, scale, zero)
-    # Half a step, plus the bfloat16 rounding of the zero point (the kernel reads it in bfloat16).
-    slack = (scale / 2 + zero.abs() * 2**-8).repeat_interleave(group, dim=1)
+    assert scale.dtype == low.dtype == torch.float16  # llama.cpp's Q4_1 parameters
+    back = q.dequantize_int4(packed, scale, low)
+    # Half a step, plus the float16 rounding of the low point and of the scale (times 15 steps).
+    slack = (scale.float() * (0.5 + 15 * 2**-11) + low.float().abs() * 2**-11).repeat_interleave(group, dim=1)
     assert ((back - w).abs() <= slack + 1e-7).all()
-    assert torch.equal(scale, scale.bfloat16().float()) and torch.equal(zero, zero.bfloat16().float())
     codes = q.unpack_int4(packed).reshape(48, -1, group)
     assert (codes.amin(dim=2) <= 1).all() and (codes.amax(dim=2) >= 14).all()  # full range used
 
@@ -69,11 +69,17 @@ def _batched(layer: q.QuantizedLinear, rows: int) -> bool:
 
 
 def _weight_used(layer: q.QuantizedLinear, rows: int) -> torch.Tensor:
-    """What the layer multiplies by: its dequantized weight, except that the batched path of an
-    int4 layer uses its int8 requantized copy."""
+    """What the layer multiplies by: its dequantized weight, except that an int4 layer's batched
+    path uses its int8 requantized copy, and torch's int4 kernel (scale, zero = low + 8 * scale)
+    pairs rounded to bfloat16."""
     w = layer.dequantize()
-    if _batched(layer, rows) and isinstance(layer, q.Int4Linear):
-        w = q.dequantize_int8(*q.quantize_int8(w))
+    if isinstance(layer, q.Int4Linear):
+        if _batched(layer, rows):
+            return q.dequantize_int8(*q.quantize_int8(w))
+        scale = layer.scale.float()
+        zero = (layer.low.float() + 8 * scale).bfloat16().float()
+        codes = q.unpack_int4(layer.packed).float().unflatten(-1, (scale.shape[1], -1))
+        return ((codes - 8) * scale.bfloat16().float()[..., None] + zero[..., None]).flatten(-2)
     return w
 
 
@@ -92,7 +98,7 @@ def test_quantized_linear_matches_matmul_with_its_dequantized_weight(kind, shape
     assert got.shape == (*shape[:-1], 40) and got.dtype == torch.float32  # float32: it has a bias
     if not _batched(layer, rows):
         # torch's kernels take bfloat16 activations: exact up to that rounding.
-        expected = F.linear(x.bfloat16().float(), layer.dequantize(), bias)
+        expected = F.linear(x.bfloat16().float(), _weight_used(layer, rows), bias)
         tolerance = 2**-8
     else:
         # Two int8 limbs per activation keep ~15 bits: much closer than bfloat16 (8 bits).
@@ -178,7 +184,7 @@ def test_quantize_state_follows_the_plan_and_keeps_other_tensors():
     state = {"a.weight": _weight(), "a.bias": torch.zeros(48), "b.weight": _weight(16, 64),
              "norm": torch.ones(128)}
     out = q.quantize_state(state, {"a": "int8", "b": "int4"})
-    assert set(out) == {"a.qweight", "a.scale", "a.bias", "b.packed", "b.scale", "b.zero", "norm"}
+    assert set(out) == {"a.qweight", "a.scale", "a.bias", "b.packed", "b.scale", "b.low", "norm"}
     assert q.quantize_state(state, {"a": "fp32"}).keys() == state.keys()
     with pytest.raises(SlmError, match="precision"):
         q.quantize_state(state, {"a": "int2"})
@@ -195,3 +201,21 @@ def test_save_and_load_round_trip_tensors_and_metadata(tmp_path):
     for name in state:
         assert torch.equal(loaded[name], state[name])
     assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temporary file left behind
+
+
+def test_int4_native_records_hold_every_code_and_parameter():
+    # 40 rows (padded to 3 records of 16) and groups of 64 (parameters repeated per block of 32).
+    packed, scale, low = q.quantize_int4(_weight(40, 128), 64)
+    records = q.int4_native_records(packed, scale, low)
+    assert records.shape == (3, 4, 320) and records.dtype == torch.uint8
+    pieces = records[..., :256].reshape(3, 4, 4, 16, 4)  # [record row, block, piece, lane, byte]
+    codes = torch.stack([pieces & 15, pieces >> 4], dim=4)  # nibble h: inputs 8 * piece + 4h + byte
+    codes = codes.permute(0, 3, 1, 2, 4, 5).reshape(48, 128)
+
+    def parameters(start: int) -> torch.Tensor:  # [record row, block, lane] float16 -> [48, 4]
+        values = records[..., start:start + 32].contiguous().view(torch.float16)
+        return values.permute(0, 2, 1).reshape(48, 4, 1).float()
+
+    back = (codes.float().view(48, 4, 32) * parameters(256) + parameters(288)).view(48, 128)
+    assert torch.equal(back[:40], q.dequantize_int4(packed, scale, low))
+    assert not back[40:].any()

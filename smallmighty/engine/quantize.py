@@ -419,7 +419,17 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        return {key: f.get_tensor(key) for key in f.keys()}, metadata
+        return {key: _aligned(f.get_tensor(key)) for key in f.keys()}, metadata
+
+
+def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`tensor`, copied into memory of our own when its bytes do not start on an `alignment` boundary.
+
+    Why: the tensors are mapped from the file wherever safetensors packed them, and torch's int8
+    kernel (`_weight_int8pack_mm`) crashes (SIGSEGV) on weights that are not 64-byte aligned,
+    as SmolLM2's int8 layers were. Aligned tensors stay mapped.
+    """
+    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

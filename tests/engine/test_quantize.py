@@ -219,3 +219,20 @@ def test_int4_native_records_hold_every_code_and_parameter():
     back = (codes.float().view(48, 4, 32) * parameters(256) + parameters(288)).view(48, 128)
     assert torch.equal(back[:40], q.dequantize_int4(packed, scale, low))
     assert not back[40:].any()
+
+
+def test_loaded_weights_are_64_byte_aligned_for_torchs_int8_kernel(tmp_path) -> None:
+    # safetensors packs tensors back to back, so an int8 weight after an odd-sized one starts at an
+    # odd address in the mapped file; torch's int8 kernel crashed (SIGSEGV) on such a weight.
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (48, 32), dtype=torch.int8)
+    scale = torch.rand(48) + 0.5
+    state = {"a.odd": torch.ones(3, dtype=torch.int8), "b.qweight": weight, "c.scale": scale}
+    q.save_state(tmp_path / "w.safetensors", state, {"precision": "int8"})
+    loaded, _ = q.load_state(tmp_path / "w.safetensors")
+    assert all(t.data_ptr() % 64 == 0 for t in loaded.values())
+    assert torch.equal(loaded["b.qweight"], weight) and torch.equal(loaded["c.scale"], scale)
+    layer = q.Int8Linear(loaded["b.qweight"], loaded["c.scale"])
+    x = torch.randn(2, 32)
+    expected = x.bfloat16().float() @ (weight.float() * scale[:, None]).T  # the kernel takes bfloat16
+    assert (layer._kernel(x).float() - expected).abs().max() <= 1e-2 * expected.abs().max()

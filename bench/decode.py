@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from smallmighty.cache import cache_dir  # noqa: E402
 from smallmighty.defaults import default_causal_lm_gguf  # noqa: E402
+from smallmighty.evaluate.cost import PeakRss  # noqa: E402
 from smallmighty.io import atomic_path  # noqa: E402
 from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm  # noqa: E402
 
@@ -300,9 +301,10 @@ def cold_start(runs: int = 3) -> dict[str, float]:
 
     The untimed run fills the caches a user's second run would find (converted model, quantized
     weights, compiled kernel, the page cache). Each child is pinned to the first THREADS CPUs with
-    OpenMP's threads bound to them, as the other figures run. Peak RSS and CPU seconds are that
-    child's own, from wait4; with one new token the CPU time is what reaching the first token
-    costs, a figure other processes barely disturb.
+    OpenMP's threads bound to them, as the other figures run. CPU seconds are that child's own,
+    from wait4; with one new token the CPU time is what reaching the first token
+    costs, a figure other processes barely disturb. Peak RSS is the child's own high-water mark
+    (`evaluate.cost.PeakRss`): wait4's would fold in this process's, already a torch process.
     """
     command = [sys.executable, "-m", "smallmighty.cli", "generate", "--precision", "int8", "--max-new-tokens", "1"]
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS), "OMP_PROC_BIND": "close"}
@@ -312,14 +314,16 @@ def cold_start(runs: int = 3) -> dict[str, float]:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0,
                                  preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        peak = PeakRss(child.pid)
         first = child.stdout.read(1)
         first_byte = time.perf_counter() - start
         child.stdout.read()
+        peak.stop()
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         if child.returncode != 0 or not first:
             raise RuntimeError(f"`{' '.join(command)}` failed with status {child.returncode}")
-        cpu, rss = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+        cpu, rss = usage.ru_utime + usage.ru_stime, peak.mb if peak.mb is not None else usage.ru_maxrss / 1024
         log(f"slm generate, {'untimed run' if attempt == 0 else f'run {attempt}'}: first token after "
             f"{first_byte:.2f} s ({cpu:.2f} CPU s), peak RSS {rss:.0f} MB")
         if attempt:
@@ -418,6 +422,8 @@ def main() -> None:
         measurements |= found
     results |= measure(measurements, args.repeats)
     report(results, settings, args)
+    for llm in _LOADED:  # closed here: at interpreter exit, llama-cpp-python's finalizers raise
+        llm.close()
 
 
 if __name__ == "__main__":

@@ -271,6 +271,11 @@ class Int8Linear(QuantizedLinear):
         return "int8", (self.qweight, self.scale)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_weight.data_ptr() % 64:
+            # torch's kernel crashes (SIGSEGV) on a weight not 64-byte aligned, as the ones mapped
+            # from a safetensors file often are. Copied once, on first use, so that engines whose
+            # native step re-homes the weights (aligned) never hold a second copy.
+            self._kernel_weight = self._kernel_weight.clone()
         x = x.to(torch.bfloat16)
         if self._pad:
             x = F.pad(x, (0, self._pad))
@@ -419,17 +424,8 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        return {key: _aligned(f.get_tensor(key)) for key in f.keys()}, metadata
+        return {key: f.get_tensor(key) for key in f.keys()}, metadata
 
-
-def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
-    """`tensor`, copied into memory of our own when its bytes do not start on an `alignment` boundary.
-
-    Why: the tensors are mapped from the file wherever safetensors packed them, and torch's int8
-    kernel (`_weight_int8pack_mm`) crashes (SIGSEGV) on weights that are not 64-byte aligned,
-    as SmolLM2's int8 layers were. Aligned tensors stay mapped.
-    """
-    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -114,11 +114,11 @@ def decoder_cost(engine: Any, prompt: list[int], new_tokens: int = 128) -> dict:
 
 def first_output(command: list[str], *, cwd: str | os.PathLike | None = None, runs: int = 2) -> dict:
     """Start `command` `runs` times; for the last run, seconds to its first byte of output, its CPU
-    seconds and its peak RSS (the child's own high-water mark, see `_PeakRss`)."""
+    seconds and its peak RSS (the child's own high-water mark, see `PeakRss`)."""
     for _ in range(runs):
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
-        peak = _PeakRss(child.pid)
+        peak = PeakRss(child.pid)
         first = child.stdout.read(1)
         seconds = time.perf_counter() - start
         child.stdout.read()
@@ -133,7 +133,7 @@ def first_output(command: list[str], *, cwd: str | os.PathLike | None = None, ru
     return {"first_output_s": seconds, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_mb}
 
 
-class _PeakRss:
+class PeakRss:
     """A child's peak RSS, read from its /proc status (VmHWM) every few milliseconds while it lives.
 
     Why not wait4's ru_maxrss: Linux folds the parent's high-water mark into a child's at exec

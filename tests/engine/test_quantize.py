@@ -221,7 +221,7 @@ def test_int4_native_records_hold_every_code_and_parameter():
     assert not back[40:].any()
 
 
-def test_loaded_weights_are_64_byte_aligned_for_torchs_int8_kernel(tmp_path) -> None:
+def test_int8_kernel_runs_on_weights_mapped_at_odd_addresses(tmp_path) -> None:
     # safetensors packs tensors back to back, so an int8 weight after an odd-sized one starts at an
     # odd address in the mapped file; torch's int8 kernel crashed (SIGSEGV) on such a weight.
     torch.manual_seed(0)
@@ -230,9 +230,9 @@ def test_loaded_weights_are_64_byte_aligned_for_torchs_int8_kernel(tmp_path) -> 
     state = {"a.odd": torch.ones(3, dtype=torch.int8), "b.qweight": weight, "c.scale": scale}
     q.save_state(tmp_path / "w.safetensors", state, {"precision": "int8"})
     loaded, _ = q.load_state(tmp_path / "w.safetensors")
-    assert all(t.data_ptr() % 64 == 0 for t in loaded.values())
-    assert torch.equal(loaded["b.qweight"], weight) and torch.equal(loaded["c.scale"], scale)
+    assert loaded["b.qweight"].data_ptr() % 64  # the case this test is about
     layer = q.Int8Linear(loaded["b.qweight"], loaded["c.scale"])
     x = torch.randn(2, 32)
     expected = x.bfloat16().float() @ (weight.float() * scale[:, None]).T  # the kernel takes bfloat16
     assert (layer._kernel(x).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert layer._kernel_weight.data_ptr() % 64 == 0

@@ -30,6 +30,12 @@ def shared_datasets() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def stories(shared_datasets) -> Path:
+    """TinyStories (one text file), the corpus the causal-LM tests pretrain and distil on."""
+    return shared_datasets / "tinystories_subset" / "tinystories_subset.txt"
+
+
 TOPICS = {
     "weather": ["rain", "sunny", "cloudy", "storm", "snow", "windy", "forecast", "cold"],
     "food": ["pizza", "pasta", "salad", "bread", "cheese", "soup", "dinner", "lunch"],

@@ -26,11 +26,6 @@ CUT = DecoderCut(layers=1, hidden=48, heads=2, kv_heads=1, ffn=96)
 
 
 @pytest.fixture(scope="module")
-def stories(shared_datasets) -> Path:
-    return shared_datasets / "tinystories_subset" / "tinystories_subset.txt"
-
-
-@pytest.fixture(scope="module")
 def teacher(stories, tmp_path_factory) -> Path:
     """A tiny Llama (2 layers, width 64, 512-token BPE) pretrained on the stories: a teacher worth copying."""
     from smallmighty.models.decoder import decoder_shape

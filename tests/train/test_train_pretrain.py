@@ -26,11 +26,6 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stories(shared_datasets) -> Path:
-    return shared_datasets / "tinystories_subset" / "tinystories_subset.txt"
-
-
-@pytest.fixture(scope="module")
 def pretrained(stories, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "model"
     assert main(_args(stories, out, "--max-steps", "300", "--eval-every", "100", "--lr", "1e-2",

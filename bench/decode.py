@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from smallmighty.cache import cache_dir  # noqa: E402
 from smallmighty.defaults import default_causal_lm_gguf  # noqa: E402
-from smallmighty.evaluate.cost import PeakRss  # noqa: E402
+from smallmighty.evaluate.cost import first_output  # noqa: E402
 from smallmighty.io import atomic_path  # noqa: E402
 from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm  # noqa: E402
 
@@ -311,24 +311,12 @@ def cold_start(runs: int = 3) -> dict[str, float]:
     cpus = sorted(os.sched_getaffinity(0))[:THREADS]
     figures: dict[str, list[float]] = {"cold_start_s": [], "cold_start_cpu_s": [], "peak_rss_mb": []}
     for attempt in range(runs + 1):
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0,
-                                 preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-        peak = PeakRss(child.pid)
-        first = child.stdout.read(1)
-        first_byte = time.perf_counter() - start
-        child.stdout.read()
-        peak.stop()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-        if child.returncode != 0 or not first:
-            raise RuntimeError(f"`{' '.join(command)}` failed with status {child.returncode}")
-        cpu, rss = usage.ru_utime + usage.ru_stime, peak.mb if peak.mb is not None else usage.ru_maxrss / 1024
+        run = first_output(command, env=env, cpus=cpus, runs=1)
         log(f"slm generate, {'untimed run' if attempt == 0 else f'run {attempt}'}: first token after "
-            f"{first_byte:.2f} s ({cpu:.2f} CPU s), peak RSS {rss:.0f} MB")
+            f"{run['first_output_s']:.2f} s ({run['cpu_s']:.2f} CPU s), peak RSS {run['peak_rss_mb']:.0f} MB")
         if attempt:
-            for key, value in zip(figures, (first_byte, cpu, rss)):
-                figures[key].append(value)
+            for key, name in zip(figures, ("first_output_s", "cpu_s", "peak_rss_mb")):
+                figures[key].append(run[name])
     return {key: statistics.median(values) for key, values in figures.items()}
 
 

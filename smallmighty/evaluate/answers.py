@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from smallmighty.evaluate.report import _CSS, _definition_list, _e
+from smallmighty.evaluate.report import _e, document, hardware_and_training
 from smallmighty.io import write_json, write_text
 
 _NON_WORD = re.compile(r"[^a-z0-9]+")
@@ -98,17 +98,14 @@ def _answers_html(answers: list[dict]) -> str:
 
 def render_answers_html(card: dict) -> str:
     """The report page: the figures, then the answers side by side (self-contained, no scripts)."""
-    title = _e(card["title"])
-    css = _CSS + ".answer{white-space:pre-wrap;vertical-align:top;max-width:28em;font-size:90%}\n"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{css}</style></head><body>\n<h1>{title}</h1>\n"
-            f"<p>ROUGE-L: longest common word subsequence F1 of each model's greedy answers against the "
-            f"teacher's, on {card['task']['held_out_prompts']} held-out prompts. Answer perplexity: the model's "
-            f"perplexity on the teacher's answer tokens, prompt given (lower is closer to the teacher).</p>\n"
-            f"<h2>Models</h2>{_models_html(card['models'])}\n"
-            f"<h2>Answers side by side</h2>{_answers_html(card['answers'])}\n"
-            f"<h2>Hardware</h2>{_definition_list(card.get('hardware') or {})}\n"
-            f"<h2>Training</h2>{_definition_list(card.get('training') or {})}\n</body></html>\n")
+    return document(
+        _e(card["title"]),
+        f"<p>ROUGE-L: longest common word subsequence F1 of each model's greedy answers against the "
+        f"teacher's, on {card['task']['held_out_prompts']} held-out prompts. Answer perplexity: the model's "
+        f"perplexity on the teacher's answer tokens, prompt given (lower is closer to the teacher).</p>\n"
+        f"<h2>Models</h2>{_models_html(card['models'])}\n"
+        f"<h2>Answers side by side</h2>{_answers_html(card['answers'])}\n{hardware_and_training(card)}",
+        css=".answer{white-space:pre-wrap;vertical-align:top;max-width:28em;font-size:90%}\n")
 
 
 def write_answers_report(out_dir: str | Path, card: dict) -> tuple[Path, Path]:

@@ -112,12 +112,16 @@ def decoder_cost(engine: Any, prompt: list[int], new_tokens: int = 128) -> dict:
             "rapl_j_per_1k_tokens": None if meter.energy_j is None else meter.energy_j * scale}
 
 
-def first_output(command: list[str], *, cwd: str | os.PathLike | None = None, runs: int = 2) -> dict:
-    """Start `command` `runs` times; for the last run, seconds to its first byte of output, its CPU
-    seconds and its peak RSS (the child's own high-water mark, see `PeakRss`)."""
+def first_output(command: list[str], *, cwd: str | os.PathLike | None = None, runs: int = 2,
+                 env: dict[str, str] | None = None, cpus: list[int] | None = None) -> dict:
+    """Start `command` `runs` times (the earlier runs fill the caches a user's second start finds); for
+    the last, seconds to its first byte of output, its CPU seconds and its peak RSS (the child's own
+    high-water mark, see `PeakRss`). `cpus`: pin the child to these CPUs (Linux)."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     for _ in range(runs):
         start = time.perf_counter()
-        child = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 bufsize=0, preexec_fn=pin)
         peak = PeakRss(child.pid)
         first = child.stdout.read(1)
         seconds = time.perf_counter() - start

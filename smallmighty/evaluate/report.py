@@ -477,13 +477,24 @@ def page(card: dict, summary: dict, *, models_note: str, models_table: str, comp
     if card.get("selection"):
         selection = ("<h2>How the settings were chosen</h2><p>Every choice was made on the validation split; the "
                      f"test split was scored once, at the end.</p>{_definition_list(card['selection'])}\n")
+    return document(title, f"<p class=\"task\">{task_line}</p>\n"
+                    f'<p class="headline">{_e(summary["headline"])}</p>\n'
+                    f"<h2>Models</h2><p>Best value in each column in bold green. {_e(models_note)}</p>{models_table}\n"
+                    f"{comparisons}\n{cost_html(card)}\n{_margins_section(card)}\n<h2>Charts</h2>{figures}\n"
+                    f"{selection}{hardware_and_training(card)}")
+
+
+def hardware_and_training(card: dict) -> str:
+    """The closing sections every report shares: the machine it ran on and how it was trained."""
+    return (f"<h2>Hardware</h2>{_definition_list(card.get('hardware') or {})}\n"
+            f"<h2>Training</h2>{_definition_list(card.get('training') or {})}\n")
+
+
+def document(title: str, body: str, css: str = "") -> str:
+    """A self-contained HTML page (styles inline, no scripts) titled `title` (already escaped) around
+    `body`: every report of the package looks alike and opens from a file anywhere."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head><body>\n<h1>{title}</h1>\n<p class=\"task\">{task_line}</p>\n"
-            f'<p class="headline">{_e(summary["headline"])}</p>\n'
-            f"<h2>Models</h2><p>Best value in each column in bold green. {_e(models_note)}</p>{models_table}\n"
-            f"{comparisons}\n{cost_html(card)}\n{_margins_section(card)}\n<h2>Charts</h2>{figures}\n{selection}"
-            f"<h2>Hardware</h2>{_definition_list(card.get('hardware') or {})}\n"
-            f"<h2>Training</h2>{_definition_list(card.get('training') or {})}\n</body></html>\n")
+            f"<style>{_CSS}{css}</style></head><body>\n<h1>{title}</h1>\n{body}</body></html>\n")
 
 
 def write_report(out_dir: str | Path, card: dict, *, summarize: Callable[[dict], dict] = summarize,

@@ -22,6 +22,7 @@ import html
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,15 +138,26 @@ def _margin_text(card: dict, student: dict, other: dict, against: str, *, flip: 
     return f"{text} (95% CI {low:{fmt}} to {high:{fmt}}{unclear})"
 
 
+def student_score(card: dict, student: dict, metric: str) -> tuple[float, int]:
+    """The student's score to weigh against other models, and how many seeds it averages: with students
+    of several seeds (the card's `training.student_seeds`), the mean of the seeds' students on its runtime, the student a
+    user can expect rather than the first or the luckiest seed; else its own score."""
+    if len((card.get("training") or {}).get("student_seeds") or []) < 2:
+        return student[metric], 1
+    rows = [m for m in card["models"] if m["role"] == "student" and m["runtime"] == student["runtime"]]
+    return statistics.fmean(m[metric] for m in rows), len(rows)
+
+
 def recommendation(card: dict) -> dict | None:
-    """Which model to use, and why: the baseline when it scores at least as well as the student,
-    else the student (the teacher's extra accuracy, if any, is weighed by the reader from the card)."""
+    """Which model to use, and why: the baseline when it scores at least as well as the student (the
+    seeds' mean, see `student_score`), else the student (the teacher's extra accuracy, if any, is
+    weighed by the reader from the card)."""
     metric = card.get("primary_metric", "accuracy")
     student = next((m for m in card["models"] if m["role"] == "student"), None)
     baseline = next((m for m in card["models"] if m["role"] == "baseline"), None)
     if student is None:
         return None
-    if baseline is not None and baseline[metric] >= student[metric]:
+    if baseline is not None and baseline[metric] >= student_score(card, student, metric)[0]:
         return {"model": model_label(baseline), "role": "baseline",
                 "why": f"it scores at least as well as the student on {_METRIC_NAMES[metric]}"}
     return {"model": model_label(student), "role": "student",
@@ -175,19 +187,28 @@ def _headline(card: dict, comparisons: list[dict]) -> str:
     kept = f"keeps {kept_ratio:.1%} of the teacher's {name}" if kept_ratio is not None else "was measured"
     tail = (" " + " and ".join(parts)) if parts else ""
     student_says = f"{c['role'].capitalize()} {c['model']} {kept}{tail} (teacher: {c['teacher']})."
-    if baseline is not None and baseline[metric] >= student[metric]:
+    score, seeds = student_score(card, student, metric)
+    if baseline is not None and baseline[metric] >= score:
         teacher_note = (f"; the teacher scores {teacher[metric]:.1%}" if teacher is not best
                         else f"; only the teacher scores higher, {teacher[metric]:.1%}")
+        margin = (_margin_text(card, student, baseline, "ahead", flip=True) if seeds == 1
+                  else f"{(baseline[metric] - score) * 100:.1f} points ahead")
         return (f"The baseline {model_label(baseline)} beats the student: {name} {baseline[metric]:.1%} against "
-                f"{student[metric]:.1%}, {_margin_text(card, student, baseline, 'ahead', flip=True)}{teacher_note}. "
+                f"{score:.1%}{_seeds_note(seeds)}, {margin}{teacher_note}. "
                 f"Use the baseline rather than the student. {student_says}")
-    against = (f", {_margin_text(card, student, baseline, 'against the baseline')}"
-               if baseline is not None else "")
+    against = ""
+    if baseline is not None:
+        against = (f", {_margin_text(card, student, baseline, 'against the baseline')}" if seeds == 1 else
+                   f", {(score - baseline[metric]) * 100:+.1f} points against the baseline{_seeds_note(seeds)}")
     if best is student:
         return (f"{c['role'].capitalize()} {c['model']} is the most accurate model here: {name} "
                 f"{student[metric]:.1%}{against}. It {kept}{tail} (teacher: {c['teacher']}).")
     return (f"{student_says} The most accurate model here is {model_label(best)}: {name} {best[metric]:.1%} against "
             f"the student's {student[metric]:.1%}{against}.")
+
+
+def _seeds_note(seeds: int) -> str:
+    return f" (the mean of {seeds} student seeds)" if seeds > 1 else ""
 
 
 # ---------------------------------------------------------------------------------------------- text

@@ -84,8 +84,11 @@ def teacher_answers(teacher: str | None, prompts: list[list[dict[str, str]]], ca
         if not messages or messages[-1].get("role") != "user":
             raise SlmError(f"prompt {i} must end with a user turn for the teacher to answer it")
     model_dir = resolve_causal_lm(teacher)
+    backend = _backend(model_dir)
+    if backend != "engine":  # transformers runs the teacher in fp32: the cache records what ran
+        settings = replace(settings, precision="fp32")
     header = {"teacher": str(teacher or model_dir), "fingerprint": teacher_fingerprint(model_dir),
-              "backend": _backend(model_dir), "settings": asdict(settings)}
+              "backend": backend, "settings": asdict(settings)}
     cache_path = Path(cache_path)
     # Under torchrun the first process answers and writes the cache; the others then read it.
     if is_main_process():
@@ -93,7 +96,7 @@ def teacher_answers(teacher: str | None, prompts: list[list[dict[str, str]]], ca
         missing = [m for m in prompts if _key(m) not in known]
         if missing:
             print(f"{header['teacher']} answers {len(missing)} prompts ({header['backend']}, "
-                  f"{settings.precision if header['backend'] == 'engine' else 'fp32'}, batches of "
+                  f"{settings.precision}, batches of "
                   f"{settings.batch_size}); {len(prompts) - len(missing)} come from {cache_path}", file=sys.stderr)
             generate = _engine_generator if header["backend"] == "engine" else _transformers_generator
             with open(cache_path, "a", encoding="utf-8") as out:

@@ -151,7 +151,8 @@ def test_an_architecture_the_engine_does_not_run_answers_through_transformers(te
     gpt2.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     got = teacher_answers(str(folder), PROMPTS[:2], tmp_path / "a.jsonl", SETTINGS)
-    assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])["backend"] == "transformers"
+    header = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
+    assert header["backend"] == "transformers" and header["settings"]["precision"] == "fp32"  # what ran
     assert "answers through transformers" in capsys.readouterr().err
     text = tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]

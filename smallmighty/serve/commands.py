@@ -118,8 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lm.add_argument("--max-queue", type=int, default=64, metavar="N",
                     help="requests that may wait for a free sequence before new ones get 429 (default: %(default)s)")
     lm.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
-                    help="prompt tokens run between two decode steps, so long prompts do not stall "
-                         "running replies (default: %(default)s)")
+                    help="prompts are run in chunks of at most N tokens, and up to N prompt tokens in "
+                         "one pass while nothing is being decoded (default: %(default)s)")
+    lm.add_argument("--prefill-budget", type=int, default=32, metavar="N",
+                    help="prompt tokens run between two decode steps while replies are being decoded "
+                         "(at least one chunk), so new prompts never stall running replies for long "
+                         "(default: %(default)s)")
     lm.add_argument("--prefix-cache", type=int, default=2048, metavar="TOKENS",
                     help="prompt positions whose keys and values are kept for requests that start the "
                          "same way (system prompt, earlier turns); 0 turns it off (default: %(default)s)")
@@ -232,7 +236,8 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"Loading {name}...", file=sys.stderr, flush=True)
     service = load_service(args.model, precision=args.precision, max_seq_len=args.max_seq_len,
                            max_batch=args.max_batch, max_queue=args.max_queue,
-                           prefill_chunk=args.prefill_chunk, prefix_cache_tokens=args.prefix_cache,
+                           prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
+                           prefix_cache_tokens=args.prefix_cache,
                            runtime=args.runtime)
     config = ServeConfig(model_name=name, api_key=api_key, max_body_bytes=args.max_body_bytes,
                          drain_seconds=args.drain_seconds)

@@ -9,16 +9,21 @@ the context. Every iteration it
 
 1. admits waiting requests into free cache rows and drops cancelled ones (a client that went away
    frees its row before the next step); a request whose prompt starts with a prefix kept in the
-   prefix store (a system prompt, a conversation's earlier turns) gets its keys and values copied
-   in and skips those tokens;
-2. runs prompt chunks of the admitted requests, about `prefill_chunk` tokens in all, as one pass
-   (`LlamaModel.prefill`), so a burst of new requests shares one read of the weights and a long
-   prompt never stalls the sequences already decoding for more than one pass;
+   prefix store (a system prompt and the next turn's role header, a conversation's earlier turns)
+   gets its keys and values copied in and skips those tokens;
+2. runs prompt chunks of the admitted requests as one pass (`LlamaModel.prefill`), so new requests
+   share one read of the weights: about `prefill_chunk` tokens when nothing is decoding, else
+   about `prefill_budget` (at least one chunk), so a long prompt or a burst of new ones never
+   stalls the running replies for long, and a burst that arrives while others decode starts over
+   several steps, its requests getting their first tokens one pass after another instead of all
+   after one long pass (and then finishing at different steps, so their clients' next requests
+   do not come back as one burst either);
 3. runs one decode step (`LlamaModel.decode`) for every sequence that has a token to feed, each at
    its own cache row and position.
 
 A request's greedy output is the same alone or in a busy batch: its prompt is cut into chunks by
-its own tokens only (after every end-of-turn token, and every `prefill_chunk` tokens between), each
+its own tokens only (after every end-of-turn token and the role header that follows it, and every
+`prefill_chunk` tokens between), each
 chunk is computed the same way whatever else shares its pass (see `LlamaModel.prefill`), and the
 prefix store keeps exactly the keys and values those chunks produced.
 The HTTP layer talks to it through `submit` (bounded: `QueueFull` when too many wait) and `cancel`;
@@ -33,6 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -40,6 +46,36 @@ from smallmighty.engine.generate import Engine, IncrementalText
 from smallmighty.engine.model import PromptChunk
 from smallmighty.engine.quantize import enable_rows_paths
 from smallmighty.engine.sampling import GenerationSettings, TokenChooser
+
+T = TypeVar("T")
+
+
+def on_own_thread(work: Callable[[], T]) -> T:
+    """`work()` run on a thread of its own that ends when it returns (its exception raised here).
+
+    Why: libgomp, the OpenMP runtime of torch and of the native decode step, gives every thread
+    that starts a parallel region a pool of worker threads, kept until that thread ends; once the
+    process holds more such threads than it has CPUs, every pool stops spinning at barriers and
+    sleeps in the kernel instead, and the native step crosses some 250 barriers per token. Loading
+    a model on the main thread (its pool stays) before the scheduler thread starts its own made a
+    batch-1 decode step 13 ms instead of 4.4 on a 2-core AMD EPYC. So `load_service` loads on a
+    thread that ends, and the scheduler thread does all of its model work itself.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as err:  # noqa: BLE001 - raised again on the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="slm-load")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 class QueueFull(Exception):
@@ -91,7 +127,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     cached: int = 0  # of which copied from the prefix store
     ends: list[int] = field(default_factory=list)  # where the prompt's chunks end (`chunk_ends`)
-    turns: list[int] = field(default_factory=list)  # the ends that follow an end-of-turn token
+    turns: list[int] = field(default_factory=list)  # ends after an end-of-turn token or the next role header
     generated: int = 0
     pending: int | None = None  # chosen token not yet fed to the model
     cancelled: bool = False
@@ -110,6 +146,30 @@ def turn_ends(prompt: list[int], end_of_turn: set[int]) -> list[int]:
     """Prompt positions just after an end-of-turn token (the model's end-of-sequence ids), before
     the last token: where a system prompt or an earlier turn of a conversation ends."""
     return [i + 1 for i, token in enumerate(prompt[:-1]) if token in end_of_turn]
+
+
+#: How far after a turn end the next turn's role header is looked for.
+HEADER_SCAN = 8
+
+
+def header_ends(prompt: list[int], turns: list[int], special: Callable[[int], bool],
+                newline: Callable[[int], bool]) -> list[int]:
+    """Prompt positions just after the role header that follows each turn end, before the last
+    token: after the first token holding a newline that comes after a special token, within
+    `HEADER_SCAN` tokens (ChatML's "\\n<|im_start|>user\\n", Llama 3's
+    "<|start_header_id|>user<|end_header_id|>\\n\\n", Gemma's "\\n<start_of_turn>user\\n").
+
+    Why: every request of a chat starts its own turn with the same header after the shared system
+    prompt; ending a chunk there lets the prefix store keep it too."""
+    ends = []
+    for turn in turns:
+        seen_special = False
+        for i in range(turn, min(turn + HEADER_SCAN, len(prompt) - 1)):
+            if seen_special and newline(prompt[i]):
+                ends.append(i + 1)
+                break
+            seen_special = seen_special or special(prompt[i])
+    return ends
 
 
 def chunk_ends(length: int, turns: list[int], size: int) -> list[int]:
@@ -164,16 +224,16 @@ class Scheduler:
     """Runs requests through `engine` with continuous batching; see the module docstring."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 256, prefix_cache_tokens: int = 2048) -> None:
+                 prefill_chunk: int = 256, prefill_budget: int = 32, prefix_cache_tokens: int = 2048) -> None:
         self.engine = engine
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        model = engine.model
-        # Prompt passes mix requests (and skip stored prefixes), so they need the layers' kernel
-        # whose rows do not depend on each other (see `LlamaModel.prefill`), even for one row.
-        enable_rows_paths(model.linears())
+        self.prefill_budget = prefill_budget
         self.prefixes = PrefixStore(prefix_cache_tokens)
-        self.cache = model.new_cache(max_batch, engine.max_seq_len)
-        self.rope = model.rope(engine.max_seq_len)
+        added = getattr(engine.tokenizer, "get_added_tokens_decoder", dict)()
+        self._specials = {i for i, token in added.items() if getattr(token, "special", False)}
+        self._newlines: dict[int, bool] = {}
+        self.cache: list[torch.Tensor] = []
+        self.rope = torch.empty(0)  # both made by the scheduler thread (`_set_up`)
         self.first = torch.zeros(max_batch, dtype=torch.long)  # every row starts at slot 0
         self._free = list(range(max_batch - 1, -1, -1))
         self._waiting: deque[Sequence] = deque()
@@ -181,17 +241,22 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._seconds_per_request = 1.0  # running mean, for Retry-After
+        self._ready = threading.Event()
+        self._setup_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="slm-scheduler", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._setup_error is not None:
+            raise self._setup_error
 
     # ---- called from the HTTP side -----------------------------------------------------------
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq`; raise `QueueFull` when `max_queue` requests already wait for a row."""
         seq.text = IncrementalText(self.engine.tokenizer, seq.settings.stop)
-        seq.turns = turn_ends(seq.prompt, self.engine.eos_token_ids)
+        turns = turn_ends(seq.prompt, self.engine.eos_token_ids)
+        seq.turns = sorted({*turns, *header_ends(seq.prompt, turns, self._special, self._newline)})
         seq.ends = chunk_ends(len(seq.prompt), seq.turns, self.prefill_chunk)
-        seq.chooser = TokenChooser(seq.settings, [seq.prompt], self.engine.model.config.vocab_size)
         with self._cond:
             if self._stopping:
                 raise QueueFull(retry_after=5)
@@ -225,22 +290,51 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def _special(self, token: int) -> bool:
+        return token in self._specials
+
+    def _newline(self, token: int) -> bool:
+        if token not in self._newlines:
+            self._newlines[token] = "\n" in self.engine.tokenizer.decode([token], skip_special_tokens=False)
+        return self._newlines[token]
+
     def _queued(self) -> int:
         return max(0, len(self._waiting) - len(self._free))
 
     # ---- the scheduler thread ----------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._set_up()
+        except BaseException as err:  # noqa: BLE001 - raised again by __init__
+            self._setup_error = err
+            return
+        finally:
+            self._ready.set()
         with torch.inference_mode():
             while (admitted := self._admit()) is not None:
                 for seq in admitted:
+                    # (here, not in `submit`: its tensors are torch work, which stays on this thread)
+                    seq.chooser = TokenChooser(seq.settings, [seq.prompt], self.engine.model.config.vocab_size)
                     self._reuse_prefix(seq)
                 prefilling = [s for s in self._running if s.prefilled < len(s.prompt)]
                 if prefilling:
-                    self._prefill(prefilling)
+                    decoding = any(s.pending is not None for s in self._running)
+                    self._prefill(prefilling, self.prefill_budget if decoding else self.prefill_chunk)
                 decoding = [s for s in self._running if s.pending is not None]
                 if decoding:
                     self._decode(decoding)
+
+    def _set_up(self) -> None:
+        """The model work done once, here on the scheduler thread, like every later step: torch
+        starts parallel regions even for the rotation table, and each thread that does keeps a
+        pool of OpenMP workers (see `on_own_thread`)."""
+        model, length = self.engine.model, self.engine.max_seq_len
+        # Prompt passes mix requests (and skip stored prefixes), so they need the layers' kernel
+        # whose rows do not depend on each other (see `LlamaModel.prefill`), even for one row.
+        enable_rows_paths(model.linears())
+        self.cache = model.new_cache(self.max_batch, length)
+        self.rope = model.rope(length)
 
     def _admit(self) -> list[Sequence] | None:
         """Drop cancelled sequences, move waiting ones into free rows; block while idle.
@@ -278,10 +372,10 @@ class Scheduler:
                 kv[seq.row, :, :end] = part
             seq.prefilled = seq.cached = end
 
-    def _prefill(self, sequences: list[Sequence]) -> None:
-        """One pass over the next prompt chunks, oldest request first, about `prefill_chunk` tokens."""
+    def _prefill(self, sequences: list[Sequence], budget: int) -> None:
+        """One pass over the next prompt chunks, oldest request first: about `budget` tokens, at
+        least one chunk."""
         chunks: list[tuple[Sequence, int, int]] = []  # (sequence, start, end)
-        budget = self.prefill_chunk
         for seq in sequences:
             start = seq.prefilled
             for end in (e for e in seq.ends if e > seq.prefilled):

@@ -42,7 +42,7 @@ from smallmighty.serve.openai_schema import (
     CompletionRequest,
     parse,
 )
-from smallmighty.serve.scheduler import Delta, Failure, Finish, QueueFull, Scheduler, Sequence
+from smallmighty.serve.scheduler import Delta, Failure, Finish, QueueFull, Scheduler, Sequence, on_own_thread
 
 log = logging.getLogger("smallmighty.serve")
 
@@ -526,12 +526,13 @@ def is_classifier(model: str | None) -> bool:
 
 
 def load_service(model: str | None = None, *, precision: str = "int8", max_seq_len: int | None = None,
-                 max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256,
+                 max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 256, prefill_budget: int = 32,
                  prefix_cache_tokens: int = 2048, runtime: str = "onnx") -> ChatService | ClassifyService:
     """Load `model` (a classifier folder, or any causal LM `slm generate` runs; None = the default
     SmolLM2) and start its scheduler or batcher thread."""
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                             ("prefill_chunk", prefill_chunk, 1), ("prefix_cache_tokens", prefix_cache_tokens, 0)):
+                             ("prefill_chunk", prefill_chunk, 1), ("prefill_budget", prefill_budget, 1),
+                             ("prefix_cache_tokens", prefix_cache_tokens, 0)):
         if not isinstance(value, int) or value < low:
             raise SlmError(f"{name} must be an integer >= {low}, got {value!r}")
     if is_classifier(model):
@@ -545,9 +546,10 @@ def load_service(model: str | None = None, *, precision: str = "int8", max_seq_l
     folder = resolve_causal_lm(model)
     if max_seq_len is None:
         max_seq_len = min(LlamaConfig.from_file(folder / "config.json").context_limit, DEFAULT_SERVE_CONTEXT)
-    engine = Engine.from_pretrained(folder, precision=precision, max_seq_len=max_seq_len)
+    engine = on_own_thread(lambda: Engine.from_pretrained(folder, precision=precision, max_seq_len=max_seq_len))
     return ChatService(engine, Scheduler(engine, max_batch=max_batch, max_queue=max_queue,
-                                         prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens))
+                                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget,
+                                         prefix_cache_tokens=prefix_cache_tokens))
 
 
 def run_server(service: ChatService | ClassifyService, config: ServeConfig, *, host: str = "127.0.0.1",

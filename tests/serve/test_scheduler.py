@@ -5,6 +5,7 @@ what else runs or on what the prefix store holds."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from smallmighty.serve.scheduler import (
     Scheduler,
     Sequence,
     chunk_ends,
+    header_ends,
+    on_own_thread,
     turn_ends,
 )
 
@@ -105,3 +108,62 @@ def test_a_burst_is_prefilled_in_shared_passes_and_replies_match_each_request_al
     assert first + burst == alone[:1] + alone
     assert max(passes) > 1, "no pass held several requests"
     assert scheduler.prefixes.hits >= len(questions)
+
+
+def test_prompts_that_arrive_while_others_decode_start_one_budget_per_step(engine: Engine) -> None:
+    questions = ["Hello there!", "What is the capital of France?", "Paris?", "The world, one token at a time."]
+    prompts = [engine.encode(engine.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    settings = GenerationSettings(max_new_tokens=8)
+    cold = Scheduler(engine, max_batch=1, prefix_cache_tokens=0)
+    alone = [_run(cold, [p], settings)[0] for p in prompts]
+    cold.stop()
+
+    scheduler = Scheduler(engine, max_batch=8, prefill_budget=1, prefix_cache_tokens=0)
+    passes: list[int] = []
+    prefill = engine.model.prefill
+
+    def counting(chunks, cache):
+        passes.append(len(chunks))
+        return prefill(chunks, cache)
+
+    engine.model.prefill = counting
+    running = Sequence(prompts[0], GenerationSettings(max_new_tokens=200), lambda event: None, ignore_eos=True)
+    try:
+        scheduler.submit(running)
+        deadline = time.monotonic() + 60
+        while running.generated < 2:  # decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        burst = _run(scheduler, prompts, settings)
+        assert running.generated < 200, "the running request ended before the burst was served"
+    finally:
+        del engine.model.prefill
+        scheduler.stop()
+    assert burst == alone
+    # The first request's chunks (cut after its turn's end) shared one pass: nothing was decoding.
+    # The burst arrived while a reply was being decoded: one chunk per pass (the budget is one
+    # token, and a pass holds at least one chunk).
+    assert passes[0] == len(running.ends) > 1
+    assert passes[1:] == [1] * (len(passes) - 1) and len(passes) - 1 >= 2 * len(prompts)
+
+
+def test_on_own_thread_returns_the_result_and_raises_the_error() -> None:
+    assert on_own_thread(lambda: threading.current_thread().name) == "slm-load"
+    with pytest.raises(ValueError, match="bad"):
+        on_own_thread(lambda: int("bad"))
+
+
+def test_the_role_header_after_a_turn_end_is_cut_too(engine: Engine) -> None:
+    prompt = engine.encode(engine.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]))
+    scheduler = Scheduler(engine, max_batch=1)
+    try:
+        turns = turn_ends(prompt, engine.eos_token_ids)
+        headers = header_ends(prompt, turns, scheduler._special, scheduler._newline)
+    finally:
+        scheduler.stop()
+    # "<|im_end|>" ends the system turn, then the user's; "\n<|im_start|>user\n" is the header after
+    # the first; the one after the second ("\n<|im_start|>assistant\n") ends the prompt: no cut.
+    assert len(turns) == 2 and len(headers) == 1
+    assert engine.tokenizer.decode(prompt[turns[0]:headers[0]], skip_special_tokens=False) == "\n<|im_start|>user\n"
+    assert header_ends([5, 2, 9], [2], scheduler._special, scheduler._newline) == []  # the last token ends no chunk

@@ -12,6 +12,7 @@ takes exactly the steps the uninterrupted run would have taken.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,8 +203,11 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
         if checkpoint_dir:
             _checkpoint(accelerator, model, optimizer, state, checkpoint_dir, config, selection)
 
+    # An explicit `disable` overrides tqdm's own TQDM_DISABLE, so it is read here: logs of long runs
+    # would otherwise fill with the bar's updates.
+    quiet = os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
     progress = tqdm(total=total_steps, initial=state.global_step, desc=desc, unit="step",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+                    disable=quiet or not accelerator.is_local_main_process, dynamic_ncols=True)
     stopped_early = False
     started, step_ends = time.perf_counter(), []
     model.train()

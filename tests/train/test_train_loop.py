@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,21 @@ def test_finetune_learns_the_task(tiny_encoder_dir, topic_data_dir, tmp_path):
     predicted = load_classifier(str(out), "torch").predict(test.texts)
     accuracy = sum(p == test.label_names[y] for p, y in zip(predicted, test.labels)) / len(test)
     assert accuracy > 0.9  # chance is 1/3
+
+
+def test_progress_bar_obeys_tqdm_disable(tiny_encoder_dir, topic_data_dir, tmp_path, monkeypatch, capsys):
+    """TQDM_DISABLE=1 silences the training bar as it does tqdm's other bars (logs of long runs stay readable)."""
+    data = load_labelled_data(topic_data_dir)
+    config = TrainConfig(epochs=1, batch_size=16, lr=1e-3, warmup_ratio=0.0)
+    bar = re.compile(r"\d+/\d+ \[[^\]]*step")  # our bar: "3/3 [00:01<00:00, 2.5step/s]" (transformers' count "it")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    finetune_classifier(str(tiny_encoder_dir), data.train, tmp_path / "quiet", validation=data.validation,
+                        config=config, max_length=16)
+    assert not bar.search(capsys.readouterr().err)
+    monkeypatch.delenv("TQDM_DISABLE")
+    finetune_classifier(str(tiny_encoder_dir), data.train, tmp_path / "shown", validation=data.validation,
+                        config=config, max_length=16)
+    assert bar.search(capsys.readouterr().err)
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_data_dir, tmp_path):

@@ -319,8 +319,8 @@ class Scheduler:
                     self._reuse_prefix(seq)
                 prefilling = [s for s in self._running if s.prefilled < len(s.prompt)]
                 if prefilling:
-                    decoding = any(s.pending is not None for s in self._running)
-                    self._prefill(prefilling, self.prefill_budget if decoding else self.prefill_chunk)
+                    replying = any(s.pending is not None for s in self._running)
+                    self._prefill(prefilling, self.prefill_budget if replying else self.prefill_chunk)
                 decoding = [s for s in self._running if s.pending is not None]
                 if decoding:
                     self._decode(decoding)

@@ -30,8 +30,8 @@ EXAMPLES = """causal LMs (the teacher is a causal LM, or --task lm):
   slm distill --teacher HuggingFaceTB/SmolLM2-360M --data docs.jsonl --divergence jsd --beta 0.5 --alpha-ce 0.5
   slm distill --task lm --data corpus.txt --method gkd --on-policy-ratio 0.5       # on-policy (GKD)
   slm distill --task lm --data corpus.txt --method sequence --student runs/my-pretrained-lm  # any tokenizer
-The student is cut from a Llama-family teacher (its most active layers' units, vocabulary trimmed to
-the corpus's tokens) unless --student names a model to start from; a scratch baseline of the same
+The student is cut from a Llama-family teacher (its most influential blocks' most active units,
+vocabulary trimmed to the corpus's tokens) unless --student names a model to start from; a scratch baseline of the same
 shape trains on the same tokens (--no-baseline skips it); the report card compares all three.
 """
 

@@ -86,5 +86,5 @@ def test_shapes_that_do_not_fit_the_teacher_are_refused(teacher):
         DecoderCut(heads=5, kv_heads=2).resolve(teacher.config)
     with pytest.raises(SlmError, match="layers <= 4"):
         DecoderCut(layers=5).resolve(teacher.config)
-    assert DecoderCut().resolve(teacher.config) == DecoderCut(2, 48, 6, 2, 80)
+    assert DecoderCut().resolve(teacher.config) == DecoderCut(3, 48, 6, 2, 48)  # 4/5 of the blocks, 3/5 of the FFN
     assert DecoderCut(heads=4).resolve(teacher.config).kv_heads == 2

@@ -40,9 +40,9 @@ DECODER_FAMILIES = ("llama", "mistral", "qwen2")
 #: The default cut: the share of the teacher's blocks and of each kept block's SwiGLU neurons. A
 #: decoder loses less by narrowing every FFN than by losing more blocks: at half of SmolLM2-135M's
 #: parameters (vocabulary trimmed to Tiny Shakespeare's tokens), 24 of its 30 blocks with 928 of 1,536
-#: neurons score a validation perplexity of 189 before training and 50.8 after 80 distillation steps;
-#: 16 whole blocks 9.8k and 67.0; all 30 blocks with 640 neurons 172 and 52.0, 13% slower per step
-#: (the teacher: 43.0; bench/README.md, distill_lm.py).
+#: neurons score a validation perplexity of 189 before training and 50.8 after 80 distillation steps
+#: at lr 3e-4; 16 whole blocks 9.8k and 67.0; all 30 blocks with 640 neurons 172 and 52.0, 13% slower
+#: per step (the teacher: 43.0; bench/README.md, distill_lm.py).
 DEFAULT_LAYER_SHARE, DEFAULT_FFN_SHARE = 0.8, 0.6
 
 

@@ -149,8 +149,10 @@ def configs_from_args(args: argparse.Namespace, data) -> tuple[str, object, obje
         + (f"; longer texts read as up to {lengths.windows} windows at inference" if lengths.windows > 1 else ""))}
     for role, given, train in (("teacher", args.teacher_epochs, teacher_train), ("student", args.epochs, config.train)):
         if given is None and not args.max_steps:
+            stop = (f"stopped after {train.patience} without a gain" if train.patience
+                    else "run in full, the best-scoring weights kept")
             choices[f"{role}_length"] = (f"at most {train.max_steps} steps from the data size, scored on validation "
-                                         f"every {train.eval_every}, stopped after {train.patience} without a gain")
+                                         f"every {train.eval_every}, {stop}")
     return teacher, config, teacher_train, choices
 
 

@@ -27,8 +27,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, epochs: int | None, 
                        help="micro-batches per optimizer step: K x --batch-size examples per step at the "
                             "memory of one micro-batch (default: 1)")
     group.add_argument("--patience", type=int, default=None, metavar="N",
-                       help="stop after N validation scores without a gain (default: 3 with the automatic budget, "
-                            "0 = never when --epochs or --max-steps is given); the best-scoring weights are kept")
+                       help="stop after N validation scores without a gain, 0 = never (default: 3 with a fine-tuned model's "
+                            "automatic budget; a distilled student's budget, --epochs and --max-steps run in full); "
+                            "the best-scoring weights are kept")
     group.add_argument("--eval-every", type=int, default=0, metavar="N",
                        help="optimizer steps between validation scores (default: each epoch's end; a twentieth of "
                             "a classifier's automatic budget, a tenth of its --max-steps)")

@@ -6,8 +6,8 @@ undertrained model: a teacher at 77% where TF-IDF reached 99.6%) and 6,000 steps
 hour of CPU for no gain). So the budget is `epochs` passes over the data, but never fewer than
 `min_steps` (small data needs many passes) nor more than `max_steps`, nor more than `max_tokens`
 tokens read (long documents cost many times more per step). Within it the model is scored on the
-validation split `evaluations` times; training stops after `patience` scores without a gain, and the
-best-scoring weights are kept. The constants were chosen by sweeps over several datasets, scored on
+validation split `evaluations` times; training stops after `patience` scores without a gain (0: never),
+and the best-scoring weights are kept. The constants were chosen by sweeps over several datasets, scored on
 validation only (see bench/README.md).
 """
 
@@ -40,7 +40,10 @@ class Budget:
 #: Fine-tuning a pretrained teacher.
 TEACHER_BUDGET = Budget(epochs=10, min_steps=600, max_steps=3000, max_tokens=1_500_000)
 #: Distilling a student from the teacher's logits: a smaller model, so more tokens for the same time.
-STUDENT_BUDGET = Budget(epochs=10, min_steps=600, max_steps=3000, max_tokens=3_000_000)
+#: Students are cheap, so they run their whole budget (the best-scoring weights are still kept): on
+#: banking77 (validation, 3 seeds) a patience of 3 stopped one seed at step 1,410 of 2,813 on a
+#: passing plateau (91.1%) that the full run left for 92.4%; mean 92.0% -> 92.5% (bench/README.md).
+STUDENT_BUDGET = Budget(epochs=10, min_steps=600, max_steps=3000, max_tokens=3_000_000, patience=0)
 
 
 def budgeted(config: TrainConfig, budget: Budget, n_examples: int, mean_tokens: float) -> TrainConfig:

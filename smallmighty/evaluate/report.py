@@ -145,10 +145,15 @@ def student_score(card: dict, student: dict, metric: str) -> tuple[float, int]:
     """The student's score to weigh against other models, and how many seeds it averages: with students
     of several seeds (the card's `training.student_seeds`), the mean of the seeds' students on its runtime, the student a
     user can expect rather than the first or the luckiest seed; else its own score."""
-    if len((card.get("training") or {}).get("student_seeds") or []) < 2:
-        return student[metric], 1
-    rows = [m for m in card["models"] if m["role"] == "student" and m["runtime"] == student["runtime"]]
+    rows = _seed_rows(card, student)
     return statistics.fmean(m[metric] for m in rows), len(rows)
+
+
+def _seed_rows(card: dict, student: dict) -> list[dict]:
+    """The students of every seed on `student`'s runtime, or `student` alone when the card has one seed."""
+    if len((card.get("training") or {}).get("student_seeds") or []) < 2:
+        return [student]
+    return [m for m in card["models"] if m["role"] == "student" and m["runtime"] == student["runtime"]]
 
 
 def recommendation(card: dict) -> dict | None:
@@ -186,15 +191,18 @@ def _headline(card: dict, comparisons: list[dict]) -> str:
         best = student if score > best_model(others, metric)[metric] else best_model(others, metric)
         label = f"{_SEED_SUFFIX.sub('', c['model'])}, the mean of {seeds} seeds,"
         kept_ratio = score / teacher[metric] if teacher[metric] else None
+        speedup = _ratio(teacher["latency_ms_p50"],
+                         statistics.fmean(m["latency_ms_p50"] for m in _seed_rows(card, student)))
     else:
         best = best_model(card["models"], metric)
         label = c["model"]
         kept_ratio = c["retained"] if metric == "accuracy" else c["f1_retained"]
+        speedup = c["speedup"]
     parts = []
     if c["size_ratio"] is not None:
         parts.append(f"with {_times(c['size_ratio'], 'fewer', 'more')} parameters")
-    if c["speedup"] is not None:
-        parts.append(f"runs {_times(c['speedup'], 'faster', 'slower')} at batch 1")
+    if speedup is not None:
+        parts.append(f"runs {_times(speedup, 'faster', 'slower')} at batch 1")
     kept = f"keeps {kept_ratio:.1%} of the teacher's {name}" if kept_ratio is not None else "was measured"
     tail = (" " + " and ".join(parts)) if parts else ""
     student_says = f"{c['role'].capitalize()} {label} {kept}{tail} (teacher: {c['teacher']})."

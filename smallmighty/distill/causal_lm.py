@@ -5,8 +5,8 @@ The recipe, in order:
 1. The teacher (any HF causal LM folder, hub id or GGUF file) tokenises the corpus once
    (`data.corpus.load_corpus`: packed rows with EOS between documents, a validation tail).
 2. The student: an existing model folder (`student`), or cut out of a Llama-family teacher
-   (`models.decoder_prune`: every k-th block, the most active channels, whole GQA groups and
-   SwiGLU neurons), or the same shape from random weights (`init="random"`). Its vocabulary is
+   (`models.decoder_prune`: the most influential blocks, the most active channels, whole GQA groups
+   and SwiGLU neurons), or the same shape from random weights (`init="random"`). Its vocabulary is
    trimmed to the tokens the training split uses (`models.bpe_trim`): the training rows are the
    teacher's, renumbered, and the student's text is the teacher's token for token.
 3. One of three methods:
@@ -52,7 +52,14 @@ from smallmighty.io import write_text
 from smallmighty.models.bpe_trim import TrimmedVocab, trim_bpe_tokenizer
 from smallmighty.models.causal_lm import load_hf_causal_lm, resolve_causal_lm
 from smallmighty.models.decoder import save_decoder
-from smallmighty.models.decoder_prune import DecoderCut, can_cut, cut_decoder, decoder_importance, student_config
+from smallmighty.models.decoder_prune import (
+    DecoderCut,
+    can_cut,
+    cut_decoder,
+    decoder_importance,
+    kept_blocks,
+    student_config,
+)
 from smallmighty.models.encoder import count_parameters, load_tokenizer
 from smallmighty.models.layer_map import parse_layer_map
 from smallmighty.train.causal_lm import (
@@ -186,10 +193,12 @@ def build_lm_student(teacher: nn.Module, teacher_tok, teacher_name: str, train_r
     token_ids = {name: student_tok.convert_tokens_to_ids(getattr(student_tok, token))
                  for name, token in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"),
                                      ("pad_token_id", "pad_token")) if getattr(student_tok, token, None)}
+    facts: dict = {}
     if config.init == "cut":
         importance = decoder_importance(teacher, train_rows[:IMPORTANCE_ROWS])
         student = cut_decoder(teacher, config.cut, importance, keep_ids, token_ids)
-        init = "cut from the teacher's most active units"
+        init = "cut from the teacher's most influential blocks and most active units"
+        facts["blocks"] = kept_blocks(importance, student.config.num_hidden_layers)
     else:
         cut = config.cut.resolve(teacher.config)
         vocab_size = len(keep_ids) if keep_ids is not None else teacher.config.vocab_size
@@ -198,7 +207,8 @@ def build_lm_student(teacher: nn.Module, teacher_tok, teacher_name: str, train_r
         init = "random"
     columns = (torch.tensor(keep_ids) if keep_ids is not None
                else torch.arange(min(len(teacher_tok), teacher.config.vocab_size)))
-    return student, student_tok, vocab, columns, {"init": init, "cut": config.cut.resolve(teacher.config).as_dict()}
+    return student, student_tok, vocab, columns, {"init": init, "cut": config.cut.resolve(teacher.config).as_dict(),
+                                                  **facts}
 
 
 # ---------------------------------------------------------------------------------------------- objectives
@@ -396,7 +406,8 @@ def distill_causal_lm(teacher: str | None, data: str, out_dir: str | Path, confi
         timings["teacher_continuations_s"] = time.perf_counter() - clock
     else:
         rows = data_rows.train
-        objective = _token_level_objective(student, teacher_model, teacher_dir, corpus.train, columns, config, pad)
+        objective = _token_level_objective(student, teacher_model, teacher_dir, corpus.train, columns, config, pad,
+                                           info.get("blocks"))
         del teacher_model  # the kd objective holds a cache; gkd's scorer keeps its own reference
         examples, collate = [{"input_ids": row, "index": i} for i, row in enumerate(rows)], IndexedCollator(pad)
         if config.method == "kd":
@@ -429,14 +440,21 @@ def distill_causal_lm(teacher: str | None, data: str, out_dir: str | Path, confi
 
 
 def _token_level_objective(student: nn.Module, teacher: nn.Module, teacher_dir: Path, teacher_rows: torch.Tensor,
-                           columns: torch.Tensor | None, config: LMDistillConfig, pad: int) -> LMDistillObjective:
-    """"kd": the teacher's outputs cached once, then the teacher is no longer needed; "gkd": a live scorer."""
+                           columns: torch.Tensor | None, config: LMDistillConfig, pad: int,
+                           blocks: list[int] | None = None) -> LMDistillObjective:
+    """"kd": the teacher's outputs cached once, then the teacher is no longer needed; "gkd": a live scorer.
+
+    `blocks`: the teacher blocks a cut student was copied from; the "uniform" layer map then pairs each
+    student layer with its block's output (where the copy starts out close), not an even spread."""
     if columns is None:  # unreachable: build_lm_student refuses such students for token-level methods
         raise SlmError("token-level distillation needs a shared vocabulary")
     w = config.weights
     bf16 = resolve_precision(config.precision) == "bf16"
-    layer_map = parse_layer_map(config.layer_map, student.config.num_hidden_layers,
-                                teacher.config.num_hidden_layers) if w.hidden else []
+    layer_map = []
+    if w.hidden:
+        layer_map = ([(s + 1, b + 1) for s, b in enumerate(blocks)] if blocks and config.layer_map.strip().lower() == "uniform"
+                     else parse_layer_map(config.layer_map, student.config.num_hidden_layers,
+                                          teacher.config.num_hidden_layers))
     if config.method == "gkd":
         if w.hidden:
             raise SlmError("hidden-state matching needs the cached teacher (--method kd)")

@@ -13,7 +13,7 @@ import argparse
 import re
 
 #: Flag (argparse dest) -> its default per task: classifiers, causal LMs (kd, gkd, sequence) and --method
-#: answers. Shape flags left at None take the teacher's size (layers: half the teacher's); the learning
+#: answers. Shape flags left at None take the teacher's size (layers: 4/5 of the teacher's, ffn: 3/5); the learning
 #: rate of answers depends on --lora (`commands.run_answers`).
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
     "layers": {"classify": 4, "lm": None}, "hidden": {"classify": 256, "lm": None}, "ffn": {"classify": 480, "lm": None},
@@ -30,8 +30,8 @@ EXAMPLES = """causal LMs (the teacher is a causal LM, or --task lm):
   slm distill --teacher HuggingFaceTB/SmolLM2-360M --data docs.jsonl --divergence jsd --beta 0.5 --alpha-ce 0.5
   slm distill --task lm --data corpus.txt --method gkd --on-policy-ratio 0.5       # on-policy (GKD)
   slm distill --task lm --data corpus.txt --method sequence --student runs/my-pretrained-lm  # any tokenizer
-The student is cut from a Llama-family teacher (its most active layers' units, vocabulary trimmed to
-the corpus's tokens) unless --student names a model to start from; a scratch baseline of the same
+The student is cut from a Llama-family teacher (its most influential blocks' most active units,
+vocabulary trimmed to the corpus's tokens) unless --student names a model to start from; a scratch baseline of the same
 shape trains on the same tokens (--no-baseline skips it); the report card compares all three.
 """
 
@@ -80,8 +80,8 @@ def defer_task_defaults(parser: argparse.ArgumentParser) -> None:
             action.help += " (causal LMs: the same student shape trained from scratch on as many tokens)"
         if action.dest in TASK_DEFAULTS:
             action.default = None
-            shown = {"layers": "half the teacher's", "epochs": "auto (a step budget from the data size)",
-                     "ffn": "the teacher's ratio to the width"}.get(action.dest, "the teacher's")
+            shown = {"layers": "4/5 of the teacher's", "epochs": "auto (a step budget from the data size)",
+                     "ffn": "3/5 of the teacher's"}.get(action.dest, "the teacher's")
             parts = [f"{shown if value is None else value} for {_TASK_NAMES[task]}"
                      for task, value in TASK_DEFAULTS[action.dest].items() if value is not None or task != "answers"]
             note = f"(default: {', '.join(parts)})"

@@ -94,6 +94,7 @@ class Importance:
     channels: torch.Tensor  # [hidden]: mean |LayerNorm output|, summed over every LayerNorm
     heads: list[torch.Tensor]  # per block [heads]: mean L2 norm of the head's attention output
     neurons: list[torch.Tensor]  # per block [ffn]: mean |activation| of each FFN neuron
+    blocks: torch.Tensor | None = None  # [blocks]: how much each block changes the residual stream (decoders)
 
 
 def can_prune(teacher_config, hidden: int, heads: int, ffn: int, layers: int) -> bool:

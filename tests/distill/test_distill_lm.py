@@ -74,6 +74,7 @@ def test_the_cli_distils_beside_a_scratch_baseline_and_writes_a_report(distilled
     assert html.count("data:image/png;base64,") == 5 and "Validation perplexity during training" in html
     meta = json.loads((distilled / "student" / "smallmighty.json").read_text())
     assert meta["method"] == "kd" and meta["train_tokens"] == 60 * 8 * 64
+    assert len(meta["blocks"]) == 1 and 0 <= meta["blocks"][0] < 2  # the teacher block the student was cut from
     scratch_meta = json.loads((distilled / "scratch" / "smallmighty.json").read_text())
     assert scratch_meta["train_tokens"] == meta["train_tokens"]
     assert not (distilled / "student.checkpoint").exists()

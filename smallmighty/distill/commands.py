@@ -141,14 +141,18 @@ def configs_from_args(args: argparse.Namespace, data) -> tuple[str, object, obje
                                      mean_tokens=lengths.mean_tokens),
         layer_map=args.layer_map, intermediate_epochs=args.intermediate_epochs, top_k=args.top_k,
         max_length=lengths.max_length, windows=lengths.windows, augment=args.augment)
-    teacher_args = argparse.Namespace(**{**vars(args), "epochs": args.teacher_epochs, "lr": args.teacher_lr})
+    # --epochs, --lr and --max-steps describe the student; the teacher has --teacher-epochs and
+    # --teacher-lr, and otherwise its own budget (a student's --max-steps 6000 is not the teacher's).
+    teacher_args = argparse.Namespace(**{**vars(args), "epochs": args.teacher_epochs, "lr": args.teacher_lr,
+                                         "max_steps": 0})
     teacher_train = train_config_from_args(teacher_args, budget=TEACHER_BUDGET, n_examples=len(data.train),
                                            mean_tokens=lengths.mean_tokens)
     choices = {"max_length": (f"{lengths.max_length} tokens: " + (
         "the shorter of 64/128 that holds 95% of the training texts whole" if lengths.chosen else "given")
         + (f"; longer texts read as up to {lengths.windows} windows at inference" if lengths.windows > 1 else ""))}
-    for role, given, train in (("teacher", args.teacher_epochs, teacher_train), ("student", args.epochs, config.train)):
-        if given is None and not args.max_steps:
+    for role, given, train in (("teacher", args.teacher_epochs, teacher_train),
+                               ("student", args.epochs or args.max_steps or None, config.train)):
+        if given is None:
             stop = (f"stopped after {train.patience} without a gain" if train.patience
                     else "run in full, the best-scoring weights kept")
             choices[f"{role}_length"] = (f"at most {train.max_steps} steps from the data size, scored on validation "

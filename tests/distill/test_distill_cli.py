@@ -68,3 +68,15 @@ def test_eval_command_rebuilds_the_card_on_another_runtime(tiny_encoder_dir, top
     assert runtime_file(out / "student", "onnx-int8").is_file()
     assert not list(out.rglob("*.onnx"))  # exports live in the cache, not in the user's folders
     assert "report:" in capsys.readouterr().out
+
+
+def test_max_steps_is_the_students_and_the_teacher_keeps_its_budget(tiny_encoder_dir, topic_data_dir):
+    from smallmighty.cli import build_parser
+    from smallmighty.data.arguments import load_data_from_args
+    from smallmighty.distill.commands import configs_from_args
+
+    args = build_parser().parse_args(["distill", "--teacher", str(tiny_encoder_dir), "--data", str(topic_data_dir),
+                                      "--max-steps", "7"])
+    _, config, teacher_train, choices = configs_from_args(args, load_data_from_args(args))
+    assert config.train.max_steps == 7 and "student_length" not in choices
+    assert teacher_train.max_steps >= 600 and "teacher_length" in choices  # the teacher's own data-size budget

@@ -32,6 +32,14 @@ def teacher_matches(model: str, label_names: list[str]) -> bool:
             and [id2label.get(str(i)) for i in range(len(id2label))] == label_names)
 
 
+def _same_source(recorded: str | None, source: str) -> bool:
+    """Whether a teacher's recorded training data is `source`: a path given relative once and absolute
+    another time (`../shared/x` and `/work/shared/x`) names the same file."""
+    if recorded is None or recorded == source:
+        return True
+    return Path(recorded).exists() and Path(source).exists() and Path(recorded).resolve() == Path(source).resolve()
+
+
 def prepare_teacher(teacher: str, data: LabelledSplits, out_dir: Path, *, teacher_train: TrainConfig,
                     max_length: int, windows: int = 1, resume: bool = False) -> tuple[str, float | None]:
     """The fine-tuned teacher's folder, and the seconds spent fine-tuning it (None when reused).
@@ -48,7 +56,7 @@ def prepare_teacher(teacher: str, data: LabelledSplits, out_dir: Path, *, teache
         notes = []
         if meta.get("train") not in (None, asdict(teacher_train)):
             notes.append(f"it was trained with other settings ({meta['train']}), which the report records")
-        if meta.get("train_examples") not in (None, len(data.train)) or meta.get("data") not in (None, data.train.source):
+        if meta.get("train_examples") not in (None, len(data.train)) or not _same_source(meta.get("data"), data.train.source):
             notes.append(f"it was trained on other data ({meta.get('train_examples')} examples of {meta.get('data')}): "
                          "use another output folder to fine-tune afresh")
         print(f"reusing the fine-tuned teacher in {teacher_dir}" + "".join(f"; {n}" for n in notes))

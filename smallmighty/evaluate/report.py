@@ -209,9 +209,17 @@ def _headline(card: dict, comparisons: list[dict]) -> str:
     if baseline is not None and baseline[metric] >= score:
         teacher_note = (f"; the teacher scores {teacher[metric]:.1%}" if teacher is not best
                         else f"; only the teacher scores higher, {teacher[metric]:.1%}")
-        margin = (_margin_text(card, student, baseline, "ahead", flip=True) if seeds == 1
-                  else f"{(baseline[metric] - score) * 100:.1f} points ahead")
-        return (f"The baseline {model_label(baseline)} beats the student: {name} {baseline[metric]:.1%} against "
+        verb = "beats the student"
+        if seeds == 1:
+            margin = _margin_text(card, student, baseline, "ahead", flip=True)
+        else:  # a gap smaller than the seeds' own spread is a tie, and is called one
+            gap = (baseline[metric] - score) * 100
+            spread = statistics.stdev(m[metric] for m in _seed_rows(card, student)) * 100
+            within = gap <= spread
+            verb = "is level with the student" if within else verb
+            margin = (f"{gap:.2f} points ahead, {'within' if within else 'beyond'} the student seeds' "
+                      f"standard deviation ({spread:.2f} points)")
+        return (f"The baseline {model_label(baseline)} {verb}: {name} {baseline[metric]:.1%} against "
                 f"{score:.1%}{_seeds_note(seeds)}, {margin}{teacher_note}. "
                 f"Use the baseline rather than the student. {student_says}")
     against = ""

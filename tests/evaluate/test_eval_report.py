@@ -102,8 +102,14 @@ def test_several_seeds_are_weighed_by_their_mean() -> None:
     summary = summarize({**card(TEACHER, *seeds, baseline), "training": {"student_seeds": [0, 1, 2]}})
     assert summary["recommended"]["role"] == "baseline"
     assert summary["headline"].startswith(
-        "The baseline tfidf (sklearn) beats the student: accuracy 86.5% against 85.7% (the mean of 3 student seeds), "
-        "0.8 points ahead; only the teacher scores higher, 90.0%. Use the baseline rather than the student.")
+        "The baseline tfidf (sklearn) is level with the student: accuracy 86.5% against 85.7% (the mean of 3 "
+        "student seeds), 0.83 points ahead, within the student seeds' standard deviation (1.53 points); only the "
+        "teacher scores higher, 90.0%. Use the baseline rather than the student.")
+    ahead = summarize({**card(TEACHER, *seeds, {**baseline, "accuracy": 0.88}), "training": {"student_seeds": [0, 1, 2]}})
+    assert ahead["recommended"]["role"] == "baseline"
+    assert ahead["headline"].startswith("The baseline tfidf (sklearn) beats the student: accuracy 88.0% against "
+                                        "85.7% (the mean of 3 student seeds), 2.33 points ahead, beyond the student "
+                                        "seeds' standard deviation (1.53 points);")
     weaker = {**baseline, "accuracy": 0.80}
     summary = summarize({**card(TEACHER, *seeds, weaker), "training": {"student_seeds": [0, 1, 2]}})
     assert summary["recommended"]["role"] == "student"

@@ -35,9 +35,7 @@ def teacher_matches(model: str, label_names: list[str]) -> bool:
 def _same_source(recorded: str | None, source: str) -> bool:
     """Whether a teacher's recorded training data is `source`: a path given relative once and absolute
     another time (`../shared/x` and `/work/shared/x`) names the same file."""
-    if recorded is None or recorded == source:
-        return True
-    return Path(recorded).exists() and Path(source).exists() and Path(recorded).resolve() == Path(source).resolve()
+    return recorded is None or recorded == source or Path(recorded).resolve() == Path(source).resolve()
 
 
 def prepare_teacher(teacher: str, data: LabelledSplits, out_dir: Path, *, teacher_train: TrainConfig,

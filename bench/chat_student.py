@@ -18,7 +18,9 @@ tuned on human-written conversations (those opening with a held-out prompt left 
     python bench/chat_student.py --teacher path/to/gemma-3-270m.gguf --student <SmolLM2 folder or GGUF>
     python bench/chat_student.py --quick ...                        # a smoke run
 
-Prints a table per row and ends with one JSON line of figures.
+Prints a table per row and ends with one JSON line of figures, among them how many held-out answers
+end with an end-of-turn token rather than at the token limit (`teacher_ended`, `ended_before`,
+`ended_after`, `ended_after_<row>`).
 """
 
 from __future__ import annotations
@@ -134,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         "train_prompts": len(train), "val_prompts": len(val), "test_prompts": len(test),
         "rouge_l_before": round(first["before"]["rouge_l"], 4),
         "answer_ppl_before": round(first["before"]["answer_ppl"], 3),
+        "teacher_ended": first["teacher"]["ended"], "ended_before": first["before"]["ended"],
     }
     for name, r in rows.items():
         suffix = "" if r is first else f"_{name}"
         figures.update({f"rouge_l_after{suffix}": round(r["after"]["rouge_l"], 4),
                         f"answer_ppl_after{suffix}": round(r["after"]["answer_ppl"], 3),
-                        f"tune_seconds{suffix}": round(r["tune_s"], 1)})
+                        f"ended_after{suffix}": r["after"]["ended"], f"tune_seconds{suffix}": round(r["tune_s"], 1)})
     before = figures["rouge_l_before"]
     figures["rouge_l_ratio"] = float(f"{figures['rouge_l_after'] / before:.4g}") if before else None
     figures["answer_ppl_ratio"] = float(f"{figures['answer_ppl_after'] / figures['answer_ppl_before']:.4g}")

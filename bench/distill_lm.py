@@ -15,7 +15,7 @@ One run on Tiny Shakespeare (first 90% of the characters train, last 10% validat
    int8; the report card lands in the run folder.
 
     PYTHONPATH=. python bench/distill_lm.py              # the full run (300 steps each)
-    PYTHONPATH=. python bench/distill_lm.py --steps 200  # the reduced run reported in bench/README.md
+    PYTHONPATH=. python bench/distill_lm.py --steps 100  # a reduced run (bench/README.md has one)
     PYTHONPATH=. python bench/distill_lm.py --quick      # smoke run: a slice of the text, a few steps
 
 The learning rates are set, not swept (1e-3 for both, `slm distill`'s default for causal LMs; 1e-3 healed

@@ -67,6 +67,14 @@ class LabelledTexts:
         return len(self.texts)
 
 
+def source_key(source: str) -> str:
+    """A data source as a model's metadata records it: an existing file or folder by its absolute path,
+    so that a later run from another directory, or one naming it relative where this one named it
+    absolute, still recognises it; anything else (a hub name) as it is."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 @dataclass
 class LabelledSplits:
     """One task's train, validation and test splits, sharing `label_names`.

@@ -30,14 +30,15 @@ Prompt = list[dict[str, str]]
 
 def score_student(model: str | Path | None, prompts: list[Prompt], references: list[Answer], cache_path: Path,
                   settings: TeacherSettings, max_length: int) -> dict[str, Any]:
-    """The model's greedy answers to `prompts` (cached like the teacher's) and its perplexity on the
-    reference answers' tokens."""
+    """The model's greedy answers to `prompts` (cached like the teacher's), how many of them end (with
+    an end-of-turn token, not the token limit) and its perplexity on the reference answers' tokens."""
     directory = resolve_causal_lm(model)
     answers = teacher_answers(str(directory), prompts, cache_path, settings)
     hf_model, tokenizer = load_hf_causal_lm(directory)
     held = encode_conversations(tokenizer, answers_as_chat(references, "held-out teacher answers"), max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {"answers": [a.answer for a in answers], "answer_ppl": answer_perplexity(hf_model, held, pad),
+    return {"answers": [a.answer for a in answers], "ended": sum(a.finished for a in answers),
+            "answer_ppl": answer_perplexity(hf_model, held, pad),
             "params": count_parameters_on_disk(directory)}
 
 
@@ -90,7 +91,8 @@ def learn_from_answers(teacher: str | None, student: str | None, train_prompts: 
         title=title or "Learning from a teacher's answers",
         prompts=[p[-1]["content"] for p in test_prompts],
         teacher={"name": str(teacher or "SmolLM2-135M-Instruct"), "params": count_parameters_on_disk(
-            resolve_causal_lm(teacher)), "answers": [a.answer for a in test_answers]},
+            resolve_causal_lm(teacher)), "answers": [a.answer for a in test_answers],
+            "ended": sum(a.finished for a in test_answers)},
         students=[{"name": "student before", **before},
                   {"name": f"student after ({method})", **after}],
         training={"train_prompts": n_train, "validation_prompts": n_val, "teacher_settings": asdict(teacher_settings),

@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
-from smallmighty.data.classification import LabelledSplits
+from smallmighty.data.classification import LabelledSplits, source_key
 from smallmighty.distill.classifier import DistillConfig, distill_classifier
 from smallmighty.io import read_json
 from smallmighty.models.encoder import read_meta
@@ -33,9 +33,10 @@ def teacher_matches(model: str, label_names: list[str]) -> bool:
 
 
 def _same_source(recorded: str | None, source: str) -> bool:
-    """Whether a teacher's recorded training data is `source`: a path given relative once and absolute
-    another time (`../shared/x` and `/work/shared/x`) names the same file."""
-    return recorded is None or recorded == source or Path(recorded).resolve() == Path(source).resolve()
+    """Whether a teacher's recorded training data is `source`. Teachers record the absolute path
+    (`LabelledTexts.source_key`); one recorded relative by an older version is read against this
+    directory."""
+    return recorded is None or source_key(recorded) == source_key(source)
 
 
 def prepare_teacher(teacher: str, data: LabelledSplits, out_dir: Path, *, teacher_train: TrainConfig,

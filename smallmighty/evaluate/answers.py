@@ -61,12 +61,12 @@ def answers_card(*, title: str, prompts: list[str], teacher: dict, students: lis
                  training: dict | None = None, hardware: dict | None = None, shown: int = 30) -> dict:
     """A report card for learning from a teacher's answers.
 
-    `teacher` is {"name", "params", "answers"}; each of `students` is {"name", "params", "answers",
-    "answer_ppl", ...} (the untuned student first, then each tuned one). ROUGE-L against the
+    `teacher` is {"name", "params", "answers", optionally "ended"}; each of `students` is {"name",
+    "params", "answers", "answer_ppl", optionally "ended", ...} (the untuned student first, then each tuned one). ROUGE-L against the
     teacher's answers is computed here; the first `shown` prompts are kept side by side.
     """
     rows = [{"name": teacher["name"], "role": "teacher", "params": teacher["params"], "rouge_l": 1.0,
-             "answer_ppl": teacher.get("answer_ppl")}]
+             "answer_ppl": teacher.get("answer_ppl"), "ended": teacher.get("ended")}]
     for s in students:
         rows.append({"name": s["name"], "role": "student", "params": s["params"],
                      "rouge_l": mean_rouge_l(s["answers"], teacher["answers"]), "answer_ppl": s.get("answer_ppl"),
@@ -78,11 +78,13 @@ def answers_card(*, title: str, prompts: list[str], teacher: dict, students: lis
 
 
 def _models_html(models: list[dict]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("model", "role", "params", "ROUGE-L vs teacher", "answer perplexity"))
+    head = "".join(f"<th>{h}</th>" for h in ("model", "role", "params", "ROUGE-L vs teacher", "answer perplexity",
+                                             "answers that end"))
     body = "".join(
         f'<tr><td class="text">{_e(m["name"])}</td><td class="text">{_e(m["role"])}</td>'
         f'<td>{m["params"] / 1e6:.1f}M</td><td>{m["rouge_l"]:.3f}</td>'
-        f'<td>{"-" if m.get("answer_ppl") is None else format(m["answer_ppl"], ".2f")}</td></tr>' for m in models)
+        f'<td>{"-" if m.get("answer_ppl") is None else format(m["answer_ppl"], ".2f")}</td>'
+        f'<td>{"-" if m.get("ended") is None else m["ended"]}</td></tr>' for m in models)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

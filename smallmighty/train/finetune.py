@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smallmighty.data.classification import LabelledTexts
+from smallmighty.data.classification import LabelledTexts, source_key
 from smallmighty.metrics import classification_metrics, selection_metric
 from smallmighty.models.encoder import (
     count_parameters,
@@ -103,7 +103,7 @@ def finetune_classifier(model_name_or_path: str, train_data: LabelledTexts, out_
         save_classifier(result.module.model, tokenizer, out_dir, max_length=max_length,
                         meta={"recipe": "finetune", "base_model": str(model_name_or_path), "windows": windows,
                               "params": count_parameters(result.module.model), "train_examples": len(train_data),
-                              "data": train_data.source, "train": asdict(config),
+                              "data": source_key(train_data.source), "train": asdict(config),
                               "selection": selection_record(result, metric, validation, config)})
         shutil.rmtree(ckpt, ignore_errors=True)
     return Path(out_dir)

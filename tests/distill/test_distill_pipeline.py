@@ -4,6 +4,8 @@ records the settings it was actually trained with; the card records which split 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from smallmighty.cli import main
 
@@ -12,16 +14,19 @@ SMALL = ["--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "64", "--ep
 
 
 def test_resume_after_a_finished_teacher_does_not_fine_tune_it_again(tiny_encoder_dir, topic_data_dir, tmp_path,
-                                                                    capsys):
+                                                                    capsys, monkeypatch):
     out = tmp_path / "run"
-    common = ["distill", "--teacher", str(tiny_encoder_dir), "--data", str(topic_data_dir), "--out", str(out), *SMALL]
+    monkeypatch.chdir(topic_data_dir.parent)  # the data named relative to this directory
+    common = ["distill", "--teacher", str(tiny_encoder_dir), "--data", topic_data_dir.name, "--out", str(out), *SMALL]
     assert main([*common, "--teacher-epochs", "3"]) == 0
     assert "fine-tuning the teacher" in capsys.readouterr().out
     weights = (out / "teacher" / "model.safetensors").read_bytes()
+    recorded = json.loads((out / "teacher" / "smallmighty.json").read_text())["data"]
+    assert Path(recorded).is_absolute() and Path(recorded).resolve().is_relative_to(topic_data_dir.resolve())
 
-    # The same data spelled another way (a relative step in the path) is not "other data".
-    respelled = topic_data_dir.parent / ".." / topic_data_dir.parent.name / topic_data_dir.name
-    common[common.index(str(topic_data_dir))] = str(respelled)
+    # Run from another directory, the same data named by another relative path is not "other data".
+    monkeypatch.chdir(tmp_path)
+    common[common.index(topic_data_dir.name)] = os.path.relpath(topic_data_dir, tmp_path)
     assert main([*common, "--teacher-epochs", "5", "--resume"]) == 0
     printed = capsys.readouterr().out
     assert "fine-tuning the teacher" not in printed

@@ -28,6 +28,14 @@ def test_distill_from_answers_writes_student_cache_and_report(tmp_path, capsys) 
     assert report["training"]["teacher_settings"]["system_prompt"] == "Think step by step."
     assert len(report["answers"]) == 5 and set(report["answers"][0]) == {
         "prompt", "teacher", "student before", "student after (LoRA)"}
+    # Each row counts its held-out answers that end with an end-of-turn token (the caches' flags).
+    student_lines = [json.loads(line) for line in (out / "student_answers.jsonl").read_text().splitlines()[1:]]
+    assert len(student_lines) == 5
+    assert report["models"][2]["ended"] == sum(line["finished"] for line in student_lines)
+    teacher_lines = [json.loads(line) for line in (out / "teacher_answers.jsonl").read_text().splitlines()[1:]]
+    held_out = {json.dumps(line["messages"]) for line in student_lines}
+    assert report["models"][0]["ended"] == sum(line["finished"] for line in teacher_lines
+                                               if json.dumps(line["messages"]) in held_out)
     header = json.loads((out / "teacher_answers.jsonl").read_text().splitlines()[0])
     assert header["backend"] == "engine" and header["settings"]["max_new_tokens"] == 8
     meta = json.loads((out / "student" / "smallmighty.json").read_text())

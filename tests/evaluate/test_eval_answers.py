@@ -45,16 +45,19 @@ def test_mean_rouge_l_needs_pairs() -> None:
 def test_report_shows_every_model_and_the_answers_side_by_side(tmp_path) -> None:
     card = answers_card(
         title="Answers <test>", prompts=["What is 2+2?", "Say hi"],
-        teacher={"name": "teacher", "params": 100_000_000, "answers": ["It is 4.", "Hi there!"]},
-        students=[{"name": "student before", "params": 50_000_000, "answers": ["banana", "Hi"], "answer_ppl": 80.0},
+        teacher={"name": "teacher", "params": 100_000_000, "answers": ["It is 4.", "Hi there!"], "ended": 2},
+        students=[{"name": "student before", "params": 50_000_000, "answers": ["banana", "Hi"], "answer_ppl": 80.0,
+                   "ended": 0},
                   {"name": "student after (LoRA)", "params": 50_000_000, "answers": ["It is 4.", "Hi there"],
-                   "answer_ppl": 3.5}])
+                   "answer_ppl": 3.5, "ended": 1}])
     before, after = card["models"][1:]
+    assert [m["ended"] for m in card["models"]] == [2, 0, 1]
     assert before["rouge_l"] == pytest.approx((0 + 2 * 1 * 0.5 / 1.5) / 2) and after["rouge_l"] == pytest.approx(1.0)
     json_path, html_path = write_answers_report(tmp_path, card)
     assert json.loads(json_path.read_text())["answers"][0] == {
         "prompt": "What is 2+2?", "teacher": "It is 4.", "student before": "banana", "student after (LoRA)": "It is 4."}
     page = html_path.read_text()
     assert "Answers &lt;test&gt;" in page and "<script" not in page
-    for text in ("student after (LoRA)", "banana", "Hi there!", "80.00", "3.50", "50.0M"):
+    for text in ("student after (LoRA)", "banana", "Hi there!", "80.00", "3.50", "50.0M", "answers that end",
+                 "<td>0</td>"):
         assert text in page

@@ -34,8 +34,8 @@ def teacher_matches(model: str, label_names: list[str]) -> bool:
 
 def _same_source(recorded: str | None, source: str) -> bool:
     """Whether a teacher's recorded training data is `source`. Teachers record the absolute path
-    (`LabelledTexts.source_key`); one recorded relative by an older version is read against this
-    directory."""
+    (`data.classification.source_key`); one recorded relative by an older version is read against
+    this directory."""
     return recorded is None or source_key(recorded) == source_key(source)
 
 

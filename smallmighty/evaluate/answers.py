@@ -62,8 +62,10 @@ def answers_card(*, title: str, prompts: list[str], teacher: dict, students: lis
     """A report card for learning from a teacher's answers.
 
     `teacher` is {"name", "params", "answers", optionally "ended"}; each of `students` is {"name",
-    "params", "answers", "answer_ppl", optionally "ended", ...} (the untuned student first, then each tuned one). ROUGE-L against the
-    teacher's answers is computed here; the first `shown` prompts are kept side by side.
+    "params", "answers", "answer_ppl", optionally "ended", ...} (the untuned student first, then each
+    tuned one). "ended" counts the answers that end with an end-of-turn token, not at the token limit.
+    ROUGE-L against the teacher's answers is computed here; the first `shown` prompts are kept side by
+    side.
     """
     rows = [{"name": teacher["name"], "role": "teacher", "params": teacher["params"], "rouge_l": 1.0,
              "answer_ppl": teacher.get("answer_ppl"), "ended": teacher.get("ended")}]

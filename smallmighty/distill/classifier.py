@@ -61,7 +61,11 @@ class DistillConfig:
     layer_map: str = "uniform"
     intermediate_epochs: int = 0  # > 0: a TinyBERT first stage on hidden states and attention maps
     intermediate_lr: float | None = None
-    top_k: int = 16
+    # Teacher logits kept per example; None keeps every label. A classifier has few labels, so the whole
+    # distribution costs little to cache, and the KD loss is then Hinton's exactly: a cut top-k renormalises
+    # the teacher over the kept labels and, at T = 3, drops the tail's mass (on banking77 validation,
+    # 16 of 77 kept scored 92.3% for student seed 0 and all 77 92.9%).
+    top_k: int | None = None
     max_length: int = 64
     windows: int = 1  # windows of max_length tokens the student reads of a long text at inference
     augment: int = 0  # perturbed copies of each training text, labelled by the teacher only
@@ -69,7 +73,7 @@ class DistillConfig:
     def validate(self) -> None:
         self.weights.validate()
         self.train.validate()
-        if self.top_k < 1:
+        if self.top_k is not None and self.top_k < 1:
             raise SlmError(f"top_k must be at least 1, got {self.top_k}")
         if self.augment < 0:
             raise SlmError(f"augment must be >= 0, got {self.augment}")
@@ -145,6 +149,8 @@ def distill_classifier(teacher_dir: str, train_data: LabelledTexts, out_dir: str
     if [teacher.config.id2label[i] for i in sorted(teacher.config.id2label)] != train_data.label_names:
         raise SlmError(f"the teacher in '{teacher_dir}' was trained on other labels than the data; "
                        "fine-tune it on this task first (`slm finetune`)")
+    if config.top_k is None:
+        config = replace(config, top_k=teacher.config.num_labels)  # recorded as the number it was
     torch.manual_seed(config.train.seed)  # the student's fresh weights are the same on every run and rank
     student, student_tokenizer, info = build_student(teacher, tokenizer, config.shape,
                                                      train_texts=train_data.texts, max_length=config.max_length)

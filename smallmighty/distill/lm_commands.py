@@ -13,12 +13,12 @@ import argparse
 import re
 
 #: Flag (argparse dest) -> its default per task: classifiers, causal LMs (kd, gkd, sequence) and --method
-#: answers. Shape flags left at None take the teacher's size (layers: 4/5 of the teacher's, ffn: 3/5); the learning
-#: rate of answers depends on --lora (`commands.run_answers`).
+#: answers. Shape flags left at None take the teacher's size (layers: 4/5 of the teacher's, ffn: 3/5); a classifier's
+#: top_k left at None keeps every label; the learning rate of answers depends on --lora (`commands.run_answers`).
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
     "layers": {"classify": 4, "lm": None}, "hidden": {"classify": 256, "lm": None}, "ffn": {"classify": 480, "lm": None},
     "temperature": {"classify": 3.0, "lm": 1.0}, "alpha_kd": {"classify": 0.8, "lm": 1.0},
-    "alpha_ce": {"classify": 0.2, "lm": 0.0}, "top_k": {"classify": 16, "lm": 32},
+    "alpha_ce": {"classify": 0.2, "lm": 0.0}, "top_k": {"classify": None, "lm": 32},
     "epochs": {"classify": None, "lm": 1, "answers": 3}, "lr": {"classify": 5e-4, "lm": 1e-3, "answers": None},
     "batch_size": {"classify": 32, "lm": 8, "answers": 32},
 }
@@ -81,7 +81,7 @@ def defer_task_defaults(parser: argparse.ArgumentParser) -> None:
         if action.dest in TASK_DEFAULTS:
             action.default = None
             shown = {"layers": "4/5 of the teacher's", "epochs": "auto (a step budget from the data size)",
-                     "ffn": "3/5 of the teacher's"}.get(action.dest, "the teacher's")
+                     "ffn": "3/5 of the teacher's", "top_k": "every label"}.get(action.dest, "the teacher's")
             parts = [f"{shown if value is None else value} for {_TASK_NAMES[task]}"
                      for task, value in TASK_DEFAULTS[action.dest].items() if value is not None or task != "answers"]
             note = f"(default: {', '.join(parts)})"

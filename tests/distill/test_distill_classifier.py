@@ -51,6 +51,7 @@ def test_student_learns_from_teacher(task, tmp_path, two_stage, augment, pooling
     assert info["params"] < info["teacher_params"] / 8
     meta = json.loads((tmp_path / "student" / "smallmighty.json").read_text())
     assert meta["recipe"] == "distill" and meta["max_length"] == 16
+    assert meta["config"]["top_k"] == len(train.label_names)  # the default caches every label's logit
     assert _accuracy(tmp_path / "student", test) > 0.85  # chance is 1/3
     # The verified ONNX export serves the same predictions as the torch model, whatever the architecture.
     from smallmighty.engine.classifier import load_classifier

@@ -22,6 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
     try:
         yield tmp
@@ -35,6 +36,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def restore_interrupted(path: str | os.PathLike) -> None:
+    """Put back a folder whose replacement by `atomic_path` was cut between its two renames.
+
+    Why: a folder cannot be swapped in one rename, so `atomic_path` moves the old one aside to
+    `.<name>.old` and then the new one in. A run killed between the two leaves its previous version
+    only under that name; readers such as `--resume` call this first, so nothing written is lost.
+    """
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
 
 
 def check_writable(path: str | os.PathLike) -> None:

@@ -5,6 +5,7 @@ A plain module next to conftest.py (pytest puts this folder on sys.path), not a 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,3 +24,14 @@ def free_port() -> int:
 def subprocess_env() -> dict:
     """This checkout on the path, no progress bars, one thread per process (the cores are shared)."""
     return {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The global step of the checkpoint a running job last saved, 0 if none yet. The folder is
+    swapped by two renames (`smallmighty.io.atomic_path`), so the old side is read in between."""
+    for folder in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.old")):
+        try:
+            return json.loads((folder / "state.json").read_text())["global_step"]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smallmighty.errors import DataError
-from smallmighty.io import atomic_path, read_json, write_json
+from smallmighty.io import atomic_path, read_json, restore_interrupted, write_json
 
 
 def test_json_round_trip_and_optional_default(tmp_path):
@@ -35,3 +35,19 @@ def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary left behind
+
+
+def test_a_folder_swap_cut_between_its_renames_is_put_back(tmp_path):
+    target = tmp_path / "run.checkpoint"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "state.json").write_text("1")
+    target.rename(tmp_path / ".run.checkpoint.old")  # what a kill after the first rename leaves
+    restore_interrupted(target)
+    assert (target / "state.json").read_text() == "1"
+    restore_interrupted(target)  # nothing to do when the folder is in place
+    with atomic_path(target) as tmp:  # the next replacement swaps in as usual
+        tmp.mkdir()
+        (tmp / "state.json").write_text("2")
+    assert (target / "state.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.checkpoint"]

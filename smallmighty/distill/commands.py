@@ -110,7 +110,7 @@ def register(subparsers) -> None:
                     help="perturbed copies of each training text for the teacher to label (masked and swapped "
                          "words, n-grams); more data for the student at the cost of teacher time (default: 0)")
     kd.add_argument("--top-k", type=int, default=None,
-                    help="teacher logits kept in the cache per example (causal LMs: per position) (default: 16)")
+                    help="teacher logits kept in the cache per example (causal LMs: per position)")
     add_evaluation_arguments(sub.add_argument_group("evaluation"))
     add_data_arguments(sub)
     add_train_arguments(sub, epochs=None, lr=5e-4, max_length="auto")

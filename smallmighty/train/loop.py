@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from smallmighty.errors import SlmError
+from smallmighty.io import restore_interrupted
 from smallmighty.train.batching import length_grouped_order
 from smallmighty.train.checkpoint import (
     TrainState,
@@ -181,6 +182,8 @@ def train(module: nn.Module, examples: Sequence[dict], collate: Callable, config
     selection = _Selection(select, higher_is_better, config.patience)
     state = TrainState()
     if resume:
+        if checkpoint_dir is not None:
+            restore_interrupted(checkpoint_dir)
         if checkpoint_dir is None or not (checkpoint_dir / "state.json").exists():
             raise SlmError(f"--resume given but there is no checkpoint in '{checkpoint_dir}'")
         extra = checkpoint_extra(checkpoint_dir)

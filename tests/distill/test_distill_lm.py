@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port, subprocess_env
+from launch import free_port, saved_step, subprocess_env
 from safetensors.torch import load_file
 
 from smallmighty.cli import main
@@ -170,16 +170,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(teacher, stories, tmp_pa
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + _cli_args(teacher, stories, killed, *extra), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = killed / "student.checkpoint" / "train" / "state.json"
+    checkpoint = killed / "student.checkpoint" / "train"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["global_step"] >= 12:
+        if saved_step(checkpoint) >= 12:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 10 < json.loads(state.read_text())["global_step"] < 40 and not (killed / "student").exists()
+    assert 10 < saved_step(checkpoint) < 40 and not (killed / "student").exists()
 
     subprocess.run(cmd + _cli_args(teacher, stories, killed, *extra, "--resume"), check=True, env=subprocess_env(),
                    capture_output=True)

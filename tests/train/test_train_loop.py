@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import free_port, subprocess_env
+from launch import free_port, saved_step, subprocess_env
 
 from smallmighty.data.classification import load_labelled_data, load_labelled_splits
 from smallmighty.errors import SlmError
@@ -66,17 +66,17 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed), env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed.with_name("killed.checkpoint") / "state.json"
+    checkpoint = killed.with_name("killed.checkpoint")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["global_step"] >= 4:
+        if saved_step(checkpoint) >= 4:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not killed.exists()
-    step_at_kill = json.loads(state.read_text())["global_step"]
+    step_at_kill = saved_step(checkpoint)
     assert 0 < step_at_kill < 90
 
     subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True,
@@ -102,6 +102,11 @@ def test_resume_without_checkpoint_or_with_other_settings_is_an_error(tiny_encod
     with pytest.raises(SlmError, match="other settings"):
         train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
               TrainConfig(epochs=1, batch_size=8, lr=1.0), checkpoint_dir=ckpt, resume=True)
+    # A kill between the two renames of a checkpoint swap leaves it aside; --resume puts it back.
+    ckpt.rename(ckpt.with_name(".ckpt.old"))
+    train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
+          TrainConfig(epochs=1, batch_size=8), checkpoint_dir=ckpt, resume=True)
+    assert json.loads((ckpt / "state.json").read_text())["global_step"] == 4
 
 
 def test_two_processes_under_torchrun_stay_in_sync(tiny_encoder_dir, topic_data_dir, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import free_port, subprocess_env
+from launch import free_port, saved_step, subprocess_env
 
 from smallmighty.cli import main
 
@@ -79,16 +79,16 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stories, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + _args(stories, killed, *extra), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    state = killed.with_name("killed.checkpoint") / "state.json"
+    checkpoint = killed.with_name("killed.checkpoint")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["global_step"] >= 12:
+        if saved_step(checkpoint) >= 12:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step_at_kill = json.loads(state.read_text())["global_step"]
+    step_at_kill = saved_step(checkpoint)
     assert 10 < step_at_kill < 40 and not killed.exists()
 
     subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=subprocess_env(),

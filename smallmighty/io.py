@@ -27,7 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
+            old = set_aside_path(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -38,6 +38,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def set_aside_path(path: str | os.PathLike) -> Path:
+    """Where `atomic_path` keeps the previous version of a folder while it swaps in the new one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
 def restore_interrupted(path: str | os.PathLike) -> None:
     """Put back a folder whose replacement by `atomic_path` was cut between its two renames.
 
@@ -45,9 +51,8 @@ def restore_interrupted(path: str | os.PathLike) -> None:
     `.<name>.old` and then the new one in. A run killed between the two leaves its previous version
     only under that name; readers such as `--resume` call this first, so nothing written is lost.
     """
-    path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.is_dir():
+    old = set_aside_path(path)
+    if not Path(path).exists() and old.is_dir():
         os.replace(old, path)
 
 

@@ -29,7 +29,9 @@ def subprocess_env() -> dict:
 def saved_step(checkpoint: Path) -> int:
     """The global step of the checkpoint a running job last saved, 0 if none yet. The folder is
     swapped by two renames (`smallmighty.io.atomic_path`), so the old side is read in between."""
-    for folder in (checkpoint, checkpoint.with_name(f".{checkpoint.name}.old")):
+    from smallmighty.io import set_aside_path
+
+    for folder in (checkpoint, set_aside_path(checkpoint)):
         try:
             return json.loads((folder / "state.json").read_text())["global_step"]
         except (FileNotFoundError, NotADirectoryError):

@@ -2,11 +2,13 @@
 
 A Llama-style decoder (the "30m" preset: 29.4M parameters with an 8,192-token byte-level BPE) trains
 on packed rows of 256 tokens of tiny Shakespeare, batch 8, AdamW, warm-up + cosine, gradient clipping
-at 1.0. Each side runs in its own fresh process: first ours (`smallmighty.train.pretrain.pretrain`, the
-function behind `slm pretrain`), then `transformers.Trainer` configured at its best on a CPU (the same
-autocast precision and attention implementation, fused AdamW, no logging/saving/evaluation inside the
-timed steps, and `torch_compile` when ours compiles). Tokens/s is measured over the steps after `--warmup` steps
-(compilation, allocator warm-up), from each loop's own step-end times.
+at 1.0. Each side runs in its own fresh process: ours (`smallmighty.train.pretrain.pretrain`, the
+function behind `slm pretrain`, with its defaults: its training attention and fused output-layer loss)
+and `transformers.Trainer` configured at its best on a CPU (the same autocast precision, transformers'
+fastest training attention here (eager; SDPA's CPU backward is slow), fused AdamW, no
+logging/saving/evaluation inside the timed steps, and `torch_compile` when ours compiles). Tokens/s is measured over the steps after `--warmup` steps
+(compilation, allocator warm-up), from each loop's own step-end times. The sides alternate for
+`--rounds` runs each (ABBA order), so a machine that speeds up or slows down over minutes favours neither.
 
 MFU = 6 x parameters x tokens/s over this machine's fp32 matmul peak, measured in the same run
 (a 4096^3 fp32 matmul, best of 5, with the same threads). With bf16 autocast the matrix products run
@@ -84,7 +86,7 @@ def run_ours(args) -> dict:
                           config=_train_config(args),
                           settings=PretrainConfig(seq_len=args.seq_len, vocab_size=args.vocab_size,
                                                   precision=args.precision, compile=args.compile,
-                                                  attention=args.attention, max_val_rows=8))
+                                                  attention=args.ours_attention, max_val_rows=8))
     return _rate(result.step_ends, args, sum(p.numel() for p in result.module.model.parameters()))
 
 
@@ -149,17 +151,21 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs per side, alternating; each side's figure is its median (odd: a real run)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--attention", default="eager", choices=("eager", "sdpa"),
-                        help="transformers attention implementation, the same for both sides")
+                        help="Trainer's attention implementation (default: eager, its fastest for training on CPUs)")
+    parser.add_argument("--ours-attention", default="slm_eager", choices=("slm_eager", "eager", "sdpa"),
+                        help="slm pretrain's --attention (default: its own default, slm_eager)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 timed steps")
     parser.add_argument("--side", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.preset, args.steps, args.warmup, args.vocab_size = "tiny", 3, 2, 1024
+        args.preset, args.steps, args.warmup, args.vocab_size, args.rounds = "tiny", 3, 2, 1024, 1
     if args.side:
         print(json.dumps(run_ours(args) if args.side == "ours" else run_trainer(args)))
         return
@@ -168,12 +174,20 @@ def main() -> None:
 
     precision = resolve_precision(args.precision)
     peak = {name: matmul_peak_gflops(name) for name in ("fp32", "bf16")}
-    ours, hf = child("ours", args), child("trainer", args)
+    # The machine's speed drifts over minutes (shared hosts), so the sides alternate, ABBA order, and
+    # each side's figure is its median round; the speed-up is the median of the rounds' ratios.
+    runs: dict[str, list[dict]] = {"ours": [], "trainer": []}
+    for round_ in range(args.rounds):
+        for side in ("ours", "trainer") if round_ % 2 == 0 else ("trainer", "ours"):
+            runs[side].append(child(side, args))
+    ratios = [o["tok_s"] / t["tok_s"] for o, t in zip(runs["ours"], runs["trainer"])]
+    ours, hf = (sorted(runs[side], key=lambda r: r["tok_s"])[(args.rounds - 1) // 2] for side in ("ours", "trainer"))
     flops_per_token = 6 * ours["params"]
     mfu = {side: flops_per_token * r["tok_s"] / 1e9 / peak["fp32"] for side, r in (("ours", ours), ("hf", hf))}
     print(f"{cpu_name()}, {os.environ.get('OMP_NUM_THREADS', '?')} threads; {args.preset} preset "
           f"({ours['params'] / 1e6:.1f}M parameters), seq {args.seq_len}, batch {args.batch_size}, {precision}"
-          f"{', torch.compile' if args.compile else ''}, {args.attention} attention; "
+          f"{', torch.compile' if args.compile else ''}, attention: ours {args.ours_attention}, "
+          f"Trainer {args.attention}; "
           f"matmul peak fp32 {peak['fp32']:.0f} / bf16 "
           f"{peak['bf16']:.0f} GFLOP/s")
     print(f"{'loop':<14}{'tokens/s':>10}{'s/step':>9}{'MFU (fp32 peak)':>17}{'warm-up s':>11}")
@@ -182,12 +196,14 @@ def main() -> None:
         print(f"{name:<14}{r['tok_s']:>10.0f}{r['s_per_step']:>9.2f}{mfu[side]:>16.0%}{r['warmup_s']:>11.1f}")
     print(json.dumps({
         "ours_tok_s": round(ours["tok_s"], 1), "hf_trainer_tok_s": round(hf["tok_s"], 1),
-        "speedup": round(ours["tok_s"] / hf["tok_s"], 3), "ours_mfu": round(mfu["ours"], 4),
+        "speedup": round(sorted(ratios)[(args.rounds - 1) // 2], 3),
+        "round_speedups": [round(r, 3) for r in ratios], "ours_mfu": round(mfu["ours"], 4),
         "ours_mfu_bf16_peak": round(mfu["ours"] * peak["fp32"] / peak["bf16"], 4),
         "hf_trainer_mfu": round(mfu["hf"], 4), "matmul_peak_gflops": round(peak["fp32"], 1),
         "matmul_peak_bf16_gflops": round(peak["bf16"], 1), "params": ours["params"], "precision": precision,
-        "compile": args.compile, "attention": args.attention, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "steps": args.steps,
+        "compile": args.compile, "attention": args.attention,
+        "ours_attention": args.ours_attention, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
         "cpu": cpu_name(), "threads": os.environ.get("OMP_NUM_THREADS")}))
 
 

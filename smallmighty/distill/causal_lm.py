@@ -62,6 +62,7 @@ from smallmighty.models.decoder_prune import (
 )
 from smallmighty.models.encoder import count_parameters, load_tokenizer
 from smallmighty.models.layer_map import parse_layer_map
+from smallmighty.train.attention import register_training_attention
 from smallmighty.train.causal_lm import (
     CausalLMCollator,
     CausalLMObjective,
@@ -258,9 +259,9 @@ class LMDistillObjective(nn.Module):
                  teacher_hidden: int = 0, pad_token_id: int = 0) -> None:
         super().__init__()
         self.student = student
-        # As `CausalLMObjective`: eager attention trains faster on CPU than SDPA; set once here, so every
-        # step of a run (resumed or not) uses the same kernels.
-        student.set_attn_implementation("eager")
+        # As `CausalLMObjective`: the training attention is faster on CPU than SDPA; set once here, so
+        # every step of a run (resumed or not) uses the same kernels.
+        student.set_attn_implementation(register_training_attention())
         self.config = config
         self.cache, self.scorer = cache, scorer
         self.beta = divergence_beta(config.divergence, config.beta)

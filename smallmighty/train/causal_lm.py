@@ -7,11 +7,14 @@ The loss is computed inside the objective's `forward`, as the loop requires, so 
 Speed on CPU (30M parameters, 256 tokens, batch 8, 2 cores with avx512_bf16; bench/README.md):
 `precision="bf16"` runs the forward and backward under bf16 autocast (matrix products in bf16 where the
 CPU has native bf16 instructions; weights and optimizer state stay fp32): 1.8x fp32. Attention runs
-as transformers' "eager" implementation (two batched matrix products and a softmax) while training:
-at these sequence lengths it is 8% faster per step than the SDPA kernel, whose CPU backward is slow
-(the saved model keeps SDPA for inference; the choice is not part of its config). `compile=True`
-hands the forward and loss to `torch.compile`: measured, it gained nothing after a 40 s compile, so it
-is off by default. Fused AdamW measured no faster than the default (foreach) one.
+as `train.attention.TRAINING_ATTENTION` while training (transformers' eager attention, two batched
+matrix products and a softmax, with the scores kept in bf16): eager is 8% faster per step than the
+SDPA kernel at these lengths, whose CPU backward is slow, and keeping its scores in bf16 gains 10%
+more (the saved model keeps SDPA for inference; the choice is not part of its config). For
+architectures whose logits are a plain `lm_head` (`PLAIN_HEAD_ARCHITECTURES`), the loss comes from
+the last hidden state through `train.linear_cross_entropy`, which never makes the full fp32 logits.
+`compile=True` hands the forward and loss to `torch.compile`: measured, it gained little after a
+40 s compile, so it is off by default. The loop's AdamW is the fused one (3.5% of a step).
 """
 
 from __future__ import annotations
@@ -26,8 +29,14 @@ from torch import nn
 
 from smallmighty.data.chat import IGNORE_INDEX  # a position that is not a target (padding, a chat prompt)
 from smallmighty.errors import SlmError
+from smallmighty.train.attention import TRAINING_ATTENTION, register_training_attention
+from smallmighty.train.linear_cross_entropy import linear_cross_entropy
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# Architectures whose logits are exactly `lm_head(decoder(...).last_hidden_state)`: no soft-capping,
+# scaling or bias (Gemma's soft-capping, for one, would make the fused loss wrong), so their loss can
+# be computed by `linear_cross_entropy` from the last hidden state.
+PLAIN_HEAD_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -38,6 +47,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX)
+
+
+def plain_output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """`(decoder, output layer)` of a model of a `PLAIN_HEAD_ARCHITECTURES` class (PEFT-wrapped or
+    not) whose output layer is a bias-free `nn.Linear`; None for any other model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base).__name__ not in PLAIN_HEAD_ARCHITECTURES:
+        return None
+    head = base.get_output_embeddings()
+    return (base.model, head) if type(head) is nn.Linear and head.bias is None else None
 
 
 def cpu_has_bf16() -> bool:
@@ -111,10 +130,12 @@ class CausalLMObjective(nn.Module):
     loop's `(loss, parts)`; the wrapped model is `.model`."""
 
     def __init__(self, model: nn.Module, *, precision: str = "fp32", compile: bool = False,
-                 attention: str | None = "eager") -> None:
+                 attention: str | None = TRAINING_ATTENTION) -> None:
         super().__init__()
         self.model = model
         self.precision = resolve_precision(precision)
+        if attention == TRAINING_ATTENTION:
+            register_training_attention()
         if attention is not None:  # None: keep the model's own
             model.set_attn_implementation(attention)
         self._loss = torch.compile(self.batch_loss) if compile else self.batch_loss
@@ -122,12 +143,19 @@ class CausalLMObjective(nn.Module):
     def batch_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
         device = input_ids.device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            # No KV cache while training; without one, transformers also reads restarting
-            # `position_ids` as packed sequences, each attending to itself only.
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False).logits
-        return causal_lm_loss(logits, labels)
+        # No KV cache while training; without one, transformers also reads restarting
+        # `position_ids` as packed sequences, each attending to itself only.
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        bf16 = self.precision == "bf16"
+        plain = plain_output_layer(self.model)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = (self.model if plain is None else plain[0])(**inputs)
+        if plain is None:
+            return causal_lm_loss(out.logits, labels)
+        hidden = out.last_hidden_state
+        return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), plain[1].weight, labels[:, 1:].flatten(),
+                                    ignore_index=IGNORE_INDEX, dtype=torch.bfloat16 if bf16 else hidden.dtype)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         return self._loss(batch["input_ids"], batch["labels"], batch.get("attention_mask"),

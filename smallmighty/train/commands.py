@@ -158,9 +158,10 @@ def register_pretrain(subparsers) -> None:
                             "(default: auto)")
     speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the forward and loss (default: off)")
-    speed.add_argument("--attention", choices=("eager", "sdpa"), default="eager",
-                       help="attention kernel while training: eager (matrix products; fastest at short "
-                            "sequences on CPUs) or sdpa (default: eager)")
+    speed.add_argument("--attention", choices=("slm_eager", "eager", "sdpa"), default="slm_eager",
+                       help="attention kernel while training: slm_eager (transformers' eager, its scores kept in "
+                            "bf16 under autocast; fastest at short sequences on CPUs), eager or sdpa "
+                            "(default: slm_eager)")
     sub.set_defaults(handler=run_pretrain, subparser=sub)
 
 

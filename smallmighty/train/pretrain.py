@@ -24,6 +24,7 @@ from smallmighty.data.tokenizer import train_tokenizer
 from smallmighty.errors import SlmError
 from smallmighty.models.decoder import DecoderShape, build_decoder, decoder_shape, save_decoder
 from smallmighty.models.encoder import count_parameters, load_tokenizer
+from smallmighty.train.attention import TRAINING_ATTENTION
 from smallmighty.train.causal_lm import (
     CausalLMCollator,
     CausalLMObjective,
@@ -46,7 +47,7 @@ class PretrainConfig:
     vocab_size: int = 8192  # of the tokenizer trained when none is given
     precision: str = "auto"  # "auto" (bf16 where the CPU has it), "bf16" or "fp32"
     compile: bool = False  # torch.compile the forward and loss
-    attention: str = "eager"  # transformers attention implementation used while training
+    attention: str = TRAINING_ATTENTION  # attention implementation used while training
 
 
 def corpus_tokenizer(data: str | Path, vocab_size: int, text_field: str = "text"):

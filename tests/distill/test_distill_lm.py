@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from greedy import assert_engine_follows_transformers
 from launch import free_port, saved_step, subprocess_env
 from safetensors.torch import load_file
 
@@ -92,23 +93,9 @@ def test_the_trimmed_students_ids_map_back_to_the_teachers_text(distilled, teach
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_the_student_gives_equal_greedy_tokens_in_our_engine_and_transformers(distilled, precision):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from smallmighty.engine.generate import Engine
-    from smallmighty.engine.sampling import GenerationSettings
-
-    student = distilled / "student"
-    tokenizer = AutoTokenizer.from_pretrained(student)
-    prompts = [tokenizer(text)["input_ids"] for text in (PROMPT, "Tom and his mom went to the park.", "She said")]
-    hf = AutoModelForCausalLM.from_pretrained(student).eval()
-    with torch.inference_mode():
-        expected = [hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False,
-                                eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    texts = [PROMPT, "Tom and his mom went to the park.", "She said"]
+    expected = assert_engine_follows_transformers(distilled / "student", texts, precision)
     assert len({tuple(e) for e in expected}) > 1  # the continuations depend on the prompt
-    engine = Engine.from_pretrained(student, precision=precision)
-    engine.eos_token_ids = set()
-    assert engine.encode(PROMPT) == prompts[0]
-    assert [engine.generate([p], GenerationSettings(max_new_tokens=20))[0] for p in prompts] == expected
 
 
 def test_a_student_with_another_tokenizer_is_refused_naming_both(teacher, stories, tmp_path):

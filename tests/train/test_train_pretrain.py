@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from greedy import assert_engine_follows_transformers
 from launch import free_port, saved_step, subprocess_env
 
 from smallmighty.cli import main
@@ -44,22 +45,8 @@ def test_pretrained_model_learns_and_records_how_it_was_made(pretrained):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_engine_and_transformers_give_the_same_greedy_tokens(pretrained, precision):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from smallmighty.engine.generate import Engine
-    from smallmighty.engine.sampling import GenerationSettings
-
-    tok = AutoTokenizer.from_pretrained(pretrained)
-    prompt = tok(PROMPT)["input_ids"]
-    hf = AutoModelForCausalLM.from_pretrained(pretrained).eval()
-    with torch.inference_mode():
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                               eos_token_id=None)[0, len(prompt):].tolist()
+    (expected,) = assert_engine_follows_transformers(pretrained, [PROMPT], precision, max_new_tokens=24)
     assert len(set(expected)) > 3  # a trained model, not a stuck one
-    engine = Engine.from_pretrained(pretrained, precision=precision)
-    engine.eos_token_ids = set()
-    assert engine.encode(PROMPT) == prompt
-    assert engine.generate([prompt], GenerationSettings(max_new_tokens=24)) == [expected]
 
 
 def test_slm_generate_runs_the_pretrained_model(pretrained):

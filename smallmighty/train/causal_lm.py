@@ -50,8 +50,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def plain_output_layer(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """`(decoder, output layer)` of a model of a `PLAIN_HEAD_ARCHITECTURES` class (PEFT-wrapped or
-    not) whose output layer is a bias-free `nn.Linear`; None for any other model."""
+    """`(decoder, output layer)` of a model of a `PLAIN_HEAD_ARCHITECTURES` class (plain, or wrapped
+    with LoRA, whose adapters sit inside the decoder's layers) whose output layer is a bias-free
+    `nn.Linear`; None for any other model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if type(base).__name__ not in PLAIN_HEAD_ARCHITECTURES:
         return None

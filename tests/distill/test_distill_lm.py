@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from greedy import assert_engine_follows_transformers
-from launch import free_port, saved_step, subprocess_env
-from safetensors.torch import load_file
+from launch import assert_same_weights, kill_once_saved, run_on_two_ranks, subprocess_env
 
 from smallmighty.cli import main
 from smallmighty.distill.causal_lm import LMDistillConfig, distill_causal_lm
@@ -155,25 +152,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(teacher, stories, tmp_pa
     subprocess.run(cmd + _cli_args(teacher, stories, straight, *extra), check=True, env=subprocess_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + _cli_args(teacher, stories, killed, *extra), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoint = killed / "student.checkpoint" / "train"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if saved_step(checkpoint) >= 12:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 10 < saved_step(checkpoint) < 40 and not (killed / "student").exists()
+    step_at_kill = kill_once_saved(cmd + _cli_args(teacher, stories, killed, *extra),
+                                   killed / "student.checkpoint" / "train", step=12, timeout=300)
+    assert 10 < step_at_kill < 40 and not (killed / "student").exists()
 
     subprocess.run(cmd + _cli_args(teacher, stories, killed, *extra, "--resume"), check=True, env=subprocess_env(),
                    capture_output=True)
-    a, b = load_file(straight / "student" / "model.safetensors"), load_file(killed / "student" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(straight / "student", killed / "student")
     history = [json.loads((d / "student" / "smallmighty.json").read_text())["history"] for d in (straight, killed)]
     assert history[0] == history[1]
 
@@ -186,10 +171,7 @@ def test_causal_lm_cli_errors_are_one_line(teacher, capsys):
 def test_two_processes_under_torchrun_stay_in_sync(teacher, stories, tmp_path):
     """kd under torchrun: rank 0 builds the teacher cache, both ranks read it; every rank ends with the
     same student weights (each rank writes a checksum of what the training loop returned)."""
-    script = tmp_path / "ddp_distill.py"
-    script.write_text(f"""
-import json, os, torch
-from accelerate import PartialState
+    ranks = run_on_two_ranks(f"""
 import smallmighty.distill.causal_lm as lm
 from smallmighty.distill.causal_lm import LMDistillConfig, distill_causal_lm
 from smallmighty.models.decoder_prune import DecoderCut
@@ -202,19 +184,7 @@ train, lm.train = lm.train, spy
 config = LMDistillConfig(cut=DecoderCut(layers=1, hidden=48, heads=2, kv_heads=1, ffn=96), seq_len=64,
                          precision="fp32", top_k=16, train=TrainConfig(max_steps=4, batch_size=2, lr=3e-3))
 info = distill_causal_lm({str(teacher)!r}, {str(stories)!r}, {str(tmp_path / "out")!r}, config)
-state = PartialState()
-flat = torch.cat([p.detach().flatten() for p in results[0].module.parameters()])
-with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), "w") as f:
-    json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(), "sq": flat.double().pow(2).sum().item(),
-               "history": info["history"], "train_tokens": info["train_tokens"]}}, f)
-""")
-    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert ranks[0]["sum"] == ranks[1]["sum"] and ranks[0]["sq"] == ranks[1]["sq"]
+module, report = results[0].module, {{"history": info["history"], "train_tokens": info["train_tokens"]}}
+""", tmp_path, timeout=600)
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["train_tokens"] == 4 * 2 * 2 * 64
     assert (tmp_path / "out" / "model.safetensors").is_file()

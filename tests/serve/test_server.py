@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from launch import free_port
 from live import LiveServer
 from tiny_llama import write_tiny_llama
 
@@ -349,14 +349,8 @@ def slowed(service, seconds_per_step: float = 0.01):
     return service
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_finishes_requests_in_flight_then_exits(tiny_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "smallmighty.cli", "serve", str(tiny_dir), "--port", str(port),
          "--precision", "fp32", "--max-batch", "1", "--drain-seconds", "20"],

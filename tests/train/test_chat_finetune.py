@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import free_port, subprocess_env
 from tiny_llama import write_tiny_llama
 
 from smallmighty.cli import main
@@ -120,15 +121,10 @@ def test_bad_chat_data_stops_with_one_line(base, tmp_path, capsys) -> None:
 
 def test_lora_finetune_runs_on_two_processes_under_torchrun(base, chats, tmp_path) -> None:
     """ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m smallmighty.cli finetune ...: one merged model saved."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), "-m", "smallmighty.cli", "finetune", "--model", str(base), "--data", str(chats),
+                             str(free_port()), "-m", "smallmighty.cli", "finetune", "--model", str(base), "--data", str(chats),
                              "--lora", "--max-steps", "2", "--batch-size", "2", "--out", str(out)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from launch import free_port, saved_step, subprocess_env
+from launch import assert_same_weights, kill_once_saved, run_on_two_ranks, subprocess_env
 
 from smallmighty.data.classification import load_labelled_data, load_labelled_splits
 from smallmighty.errors import SlmError
@@ -64,28 +60,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_encoder_dir, topic_
                    capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed), env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed.with_name("killed.checkpoint")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if saved_step(checkpoint) >= 4:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not killed.exists()
-    step_at_kill = saved_step(checkpoint)
-    assert 0 < step_at_kill < 90
+    step_at_kill = kill_once_saved(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed),
+                                   killed.with_name("killed.checkpoint"), step=4, timeout=120)
+    assert 0 < step_at_kill < 90 and not killed.exists()
 
     subprocess.run(_finetune_cmd(tiny_encoder_dir, topic_data_dir, killed, "--resume"), check=True,
                    env=subprocess_env(), capture_output=True)
-    a = load_file(straight / "model.safetensors")
-    b = load_file(killed / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(straight, killed)
 
 
 def test_resume_without_checkpoint_or_with_other_settings_is_an_error(tiny_encoder_dir, topic_data_dir, tmp_path):
@@ -112,33 +93,19 @@ def test_resume_without_checkpoint_or_with_other_settings_is_an_error(tiny_encod
 def test_two_processes_under_torchrun_stay_in_sync(tiny_encoder_dir, topic_data_dir, tmp_path):
     """ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2: gloo DDP; each rank reports a checksum of
     its weights after training, and the two must be identical (gradients were averaged)."""
-    script = tmp_path / "ddp_finetune.py"
-    script.write_text(f"""
-import json, os, torch
-from smallmighty.data.classification import load_labelled_data, load_labelled_splits
+    ranks = run_on_two_ranks(f"""
+import torch
+from smallmighty.data.classification import load_labelled_splits
 from smallmighty.train.finetune import ClassificationObjective
 from smallmighty.train.loop import TrainConfig, train
 from smallmighty.train.batching import Collator, encode_texts, make_examples
 from smallmighty.models.encoder import load_encoder_classifier
-from accelerate import PartialState
 torch.manual_seed(0)
 data, _ = load_labelled_splits({str(topic_data_dir)!r})
 model, tok = load_encoder_classifier({str(tiny_encoder_dir)!r}, data.label_names)
 examples = make_examples(encode_texts(tok, data.texts, 16), data.labels)
-trained = train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
-                TrainConfig(epochs=1, batch_size=8, lr=1e-3)).module
-state = PartialState()
-flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
-with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), "w") as f:
-    json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(),
-               "sq": flat.double().pow(2).sum().item(), "first": flat[:5].tolist()}}, f)
-""")
-    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert ranks[0]["sum"] == ranks[1]["sum"] and ranks[0]["sq"] == ranks[1]["sq"]
+module = train(ClassificationObjective(model), examples, Collator(tok.pad_token_id),
+               TrainConfig(epochs=1, batch_size=8, lr=1e-3)).module
+report = {{"first": torch.cat([p.detach().flatten() for p in module.parameters()])[:5].tolist()}}
+""", tmp_path)
     assert ranks[0]["first"] == ranks[1]["first"]

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from greedy import assert_engine_follows_transformers
-from launch import free_port, saved_step, subprocess_env
+from launch import assert_same_weights, kill_once_saved, run_on_two_ranks, subprocess_env
 
 from smallmighty.cli import main
 
@@ -64,56 +60,28 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stories, tmp_path):
     subprocess.run(cmd + _args(stories, straight, *extra), check=True, env=subprocess_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + _args(stories, killed, *extra), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoint = killed.with_name("killed.checkpoint")
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if saved_step(checkpoint) >= 12:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step_at_kill = saved_step(checkpoint)
+    step_at_kill = kill_once_saved(cmd + _args(stories, killed, *extra), killed.with_name("killed.checkpoint"),
+                                   step=12, timeout=180)
     assert 10 < step_at_kill < 40 and not killed.exists()
 
     subprocess.run(cmd + _args(stories, killed, *extra, "--resume"), check=True, env=subprocess_env(),
                    capture_output=True)
-    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(straight, killed)
     history = [json.loads((d / "smallmighty.json").read_text())["history"] for d in (straight, killed)]
     assert history[0] == history[1]
 
 
 def test_two_processes_under_torchrun_stay_in_sync(stories, tmp_path):
     """Each rank writes a checksum of its weights after training; gradients averaged, so they agree."""
-    script = tmp_path / "ddp_pretrain.py"
-    script.write_text(f"""
-import json, os, torch
-from accelerate import PartialState
+    ranks = run_on_two_ranks(f"""
 from smallmighty.models.decoder import decoder_shape
 from smallmighty.train.loop import TrainConfig
 from smallmighty.train.pretrain import PretrainConfig, pretrain
 result = pretrain({str(stories)!r}, {str(tmp_path / "model")!r}, shape=decoder_shape("tiny"),
                   config=TrainConfig(max_steps=6, batch_size=4, lr=3e-3),
                   settings=PretrainConfig(seq_len=64, vocab_size=512, precision="fp32"))
-state = PartialState()
-flat = torch.cat([p.detach().flatten() for p in result.module.parameters()])
-with open(os.path.join({str(tmp_path)!r}, f"rank{{state.process_index}}.json"), "w") as f:
-    json.dump({{"world": state.num_processes, "sum": flat.double().sum().item(),
-               "sq": flat.double().pow(2).sum().item(), "history": result.history}}, f)
-""")
-    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert ranks[0]["sum"] == ranks[1]["sum"] and ranks[0]["sq"] == ranks[1]["sq"]
+module, report = result.module, {{"history": result.history}}
+""", tmp_path)
     assert ranks[0]["history"] == ranks[1]["history"]
     assert (tmp_path / "model" / "model.safetensors").is_file()
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +22,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success move it into place in one rename.
 
     Works for files and directories alike: whatever the caller writes at the yielded path replaces
-    `path` only once the block finishes without an exception.
+    `path` only once the block finishes without an exception. A folder that already exists is
+    swapped with the new one in one step where the OS can (`exchange_paths`); elsewhere it takes two
+    renames, and `restore_interrupted` repairs a swap cut between them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,15 +33,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            old = set_aside_path(path)
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if not exchange_paths(tmp, path):  # then `tmp` holds the old folder, removed below
+                old = set_aside_path(path)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2 (Linux, glibc 2.28+), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap what `a` and `b` name in one atomic step; False, touching nothing, where the OS or the
+    filesystem cannot (then the caller renames twice).
+
+    Why: a folder cannot replace another in one plain rename, and between two renames a reader, or a
+    `--resume` after a kill, would find nothing at the name. Linux's RENAME_EXCHANGE has no such gap.
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def set_aside_path(path: str | os.PathLike) -> Path:
@@ -47,7 +84,7 @@ def set_aside_path(path: str | os.PathLike) -> Path:
 def restore_interrupted(path: str | os.PathLike) -> None:
     """Put back a folder whose replacement by `atomic_path` was cut between its two renames.
 
-    Why: a folder cannot be swapped in one rename, so `atomic_path` moves the old one aside to
+    Why: where folders cannot be exchanged in one step, `atomic_path` moves the old one aside to
     `.<name>.old` and then the new one in. A run killed between the two leaves its previous version
     only under that name; readers such as `--resume` call this first, so nothing written is lost.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from smallmighty.errors import DataError
-from smallmighty.io import atomic_path, read_json, restore_interrupted, write_json
+from smallmighty.io import atomic_path, exchange_paths, read_json, restore_interrupted, write_json
 
 
 def test_json_round_trip_and_optional_default(tmp_path):
@@ -51,3 +51,35 @@ def test_a_folder_swap_cut_between_its_renames_is_put_back(tmp_path):
         (tmp / "state.json").write_text("2")
     assert (target / "state.json").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.checkpoint"]
+
+
+def _killed(*args) -> None:
+    raise KeyboardInterrupt("killed")
+
+
+def test_a_folder_is_replaced_in_one_step_where_the_os_can_and_in_two_renames_elsewhere(tmp_path, monkeypatch):
+    import smallmighty.io as io
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, text in ((first, "a"), (second, "b")):
+        folder.mkdir()
+        (folder / "f").write_text(text)
+    if not exchange_paths(first, second):
+        pytest.skip("this OS or filesystem cannot exchange two paths in one step")
+    assert ((first / "f").read_text(), (second / "f").read_text()) == ("b", "a")
+
+    target = tmp_path / "model"
+    for version in ("1", "2"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_text(version)
+            if version == "2":  # from here on a plain rename would be a kill: the swap needs none
+                monkeypatch.setattr(io.os, "replace", _killed)
+    monkeypatch.undo()
+    assert (target / "weights").read_text() == "2"
+    monkeypatch.setattr(io, "exchange_paths", lambda a, b: False)  # a system without the one-step swap
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "weights").write_text("3")
+    assert (target / "weights").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "model"]

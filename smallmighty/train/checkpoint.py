@@ -2,9 +2,10 @@
 
 A checkpoint is a directory with the trainable module's weights (safetensors), the optimizer state
 (torch.save of plain tensors, read back with `weights_only=True`) and `state.json` saying where
-training stood. It replaces the previous checkpoint by renames (`io.atomic_path`), so a run killed at
-any moment leaves either the old checkpoint or the new one, never half of one; a kill between the two
-renames of the folder swap leaves the old one aside, and `--resume` puts it back (`io.restore_interrupted`).
+training stood. It replaces the previous checkpoint in one atomic exchange where the OS has one
+(`io.atomic_path`; Linux), so a run killed at any moment leaves either the old checkpoint or the new
+one, never half of one. Elsewhere the swap takes two renames; a kill between them leaves the old one
+aside, and `--resume` puts it back (`io.restore_interrupted`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ at 1.0. Each side runs in its own fresh process: ours (`smallmighty.train.pretra
 function behind `slm pretrain`, with its defaults: its training attention and fused output-layer loss)
 and `transformers.Trainer` configured at its best on a CPU (the same autocast precision, transformers'
 fastest training attention here (eager; SDPA's CPU backward is slow), fused AdamW, no
-logging/saving/evaluation inside the timed steps, and `torch_compile` when ours compiles). Tokens/s is measured over the steps after `--warmup` steps
-(compilation, allocator warm-up), from each loop's own step-end times. The sides alternate for
-`--rounds` runs each (ABBA order), so a machine that speeds up or slows down over minutes favours neither.
+logging/saving/evaluation inside the timed steps, and `torch_compile` when ours compiles). Tokens/s
+is measured over the steps after `--warmup` steps (compilation, allocator warm-up), from each loop's
+own step-end times. The sides alternate for `--rounds` runs each (ABBA order), so a machine that
+speeds up or slows down over minutes favours neither. bench/train_parts.py times each of our pieces
+against what it replaced.
 
 MFU = 6 x parameters x tokens/s over this machine's fp32 matmul peak, measured in the same run
 (a 4096^3 fp32 matmul, best of 5, with the same threads). With bf16 autocast the matrix products run

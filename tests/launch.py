@@ -31,8 +31,9 @@ def subprocess_env() -> dict:
 
 
 def saved_step(checkpoint: Path) -> int:
-    """The global step of the checkpoint a running job last saved, 0 if none yet. The folder is
-    swapped by two renames (`smallmighty.io.atomic_path`), so the old side is read in between."""
+    """The global step of the checkpoint a running job last saved, 0 if none yet. Where the folder
+    is swapped by two renames rather than one exchange (`smallmighty.io.atomic_path`), the old side
+    is read in between."""
     from smallmighty.io import set_aside_path
 
     for folder in (checkpoint, set_aside_path(checkpoint)):

@@ -9,12 +9,12 @@ Speed on CPU (30M parameters, 256 tokens, batch 8, 2 cores with avx512_bf16; ben
 CPU has native bf16 instructions; weights and optimizer state stay fp32): 1.8x fp32. Attention runs
 as `train.attention.TRAINING_ATTENTION` while training (transformers' eager attention, two batched
 matrix products and a softmax, with the scores kept in bf16): eager is 8% faster per step than the
-SDPA kernel at these lengths, whose CPU backward is slow, and keeping its scores in bf16 gains 10%
+SDPA kernel at these lengths, whose CPU backward is slow, and keeping its scores in bf16 gains 13-21%
 more (the saved model keeps SDPA for inference; the choice is not part of its config). For
 architectures whose logits are a plain `lm_head` (`PLAIN_HEAD_ARCHITECTURES`), the loss comes from
 the last hidden state through `train.linear_cross_entropy`, which never makes the full fp32 logits.
 `compile=True` hands the forward and loss to `torch.compile`: measured, it gained little after a
-40 s compile, so it is off by default. The loop's AdamW is the fused one (3.5% of a step).
+40 s compile, so it is off by default. The loop's AdamW is the fused one. Figures: bench/train_parts.py.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class CausalLMObjective(nn.Module):
             register_training_attention()
         if attention is not None:  # None: keep the model's own
             model.set_attn_implementation(attention)
+        self._plain = plain_output_layer(model)  # (decoder, output layer) for the blocked loss, or None
         self._loss = torch.compile(self.batch_loss) if compile else self.batch_loss
 
     def batch_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -149,7 +150,7 @@ class CausalLMObjective(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   "use_cache": False}
         bf16 = self.precision == "bf16"
-        plain = plain_output_layer(self.model)
+        plain = self._plain
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             out = (self.model if plain is None else plain[0])(**inputs)
         if plain is None:

@@ -8,11 +8,10 @@ layer's matrix products. Here the logits are made once in the compute dtype; eac
 gets its fp32 log-softmax while it sits in cache, its loss summed and its gradient (softmax minus
 one-hot, over the number of targets) written back over it in place. The backward is the two matrix
 products left. Same arithmetic as the usual path (fp32 softmax, bf16 matrix products under bf16). On
-2 cores (AMD EPYC), 2,040 tokens of 512 features to 8,192 words, forward and backward: 166-206 ms the
-usual way, 90-104 ms here (alternated, medians of 8); a whole 30M-parameter training step gains
-about 1.15x (bench/README.md). The larger the vocabulary, the more it saves: a full fine-tuning step
-of SmolLM2-135M (49,152 words) on 8 x 256 tokens in bf16 takes 3.6 s against 5.3 s (alternated, medians
-of 4; peak memory the same, 4.5 GB). Kept out of `torch.compile`: compiled, its block loop ran slower.
+2 cores (AMD EPYC), 2,040 tokens of 512 features to 8,192 words, forward and backward: 156-203 ms the
+usual way, 85-89 ms here; forward and backward of SmolLM2-135M (49,152 words) on 8 x 256 tokens,
+every weight trained: 5.8-6.4 s the usual way, 3.6-3.8 s with it (bench/train_parts.py, two runs).
+Kept out of `torch.compile`: compiled, its block loop ran slower.
 """
 
 from __future__ import annotations
